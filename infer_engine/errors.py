@@ -1,0 +1,42 @@
+"""Errors every backend raises, so the UI and the server can map them without knowing backends."""
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class. `status` is the HTTP status our server answers with."""
+
+    status = 500
+    kind = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(EngineError, ValueError):
+    """Bad sampling values, malformed messages, bad settings (names the field in `param`)."""
+
+    status = 400
+    kind = "invalid_request_error"
+
+
+class ContextOverflow(InvalidRequest):
+    """The newest message alone does not fit into the context window."""
+
+
+class AuthenticationFailed(EngineError):
+    status = 401
+    kind = "authentication_error"
+
+
+class ModelNotFound(EngineError):
+    status = 404
+    kind = "not_found_error"
+
+
+class BackendUnavailable(EngineError):
+    """Remote server down, unreachable or failing with 5xx after retries."""
+
+    status = 503
+    kind = "backend_unavailable"

@@ -1,0 +1,201 @@
+"""Engine and sampling settings: one place for defaults, loadable from CLI flags and env vars.
+
+Every field of `EngineSettings` (and of its per-backend sections) becomes a flag and an
+environment variable: `model_path` -> `--model-path` / `ENGINE_MODEL_PATH`,
+`lmdeploy.tp` -> `--lmdeploy-tp` / `ENGINE_LMDEPLOY_TP`. Precedence: flag, env, default.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from .errors import InvalidRequest
+
+ENV_PREFIX = "ENGINE_"
+BACKENDS = ("transformers", "turbomind", "pytorch", "api")
+
+
+def _help(text: str, **kw: Any) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class LMDeploySettings:
+    tp: int = field(default=1, metadata=_help("tensor parallel GPUs"))
+    cache_max_entry_count: float = field(
+        default=0.8, metadata=_help("fraction of free GPU memory for the KV cache"))
+    quant_policy: int = field(default=0, metadata=_help("KV cache quantisation: 0, 4 or 8"))
+    model_format: str = field(default="hf", metadata=_help("weights format", choices=("hf", "awq")))
+    max_batch_size: int = field(default=0, metadata=_help("0 lets LMDeploy choose"))
+
+
+@dataclass
+class ApiSettings:
+    base_url: str = field(default="http://127.0.0.1:23333/v1",
+                          metadata=_help("OpenAI-compatible endpoint"))
+    api_key: str = field(default="EMPTY", metadata=_help("sent as Bearer token"))
+    model: str = field(default="", metadata=_help("remote model name; empty: the first listed"))
+    timeout: float = field(default=60.0, metadata=_help("seconds per request"))
+    max_retries: int = field(default=3, metadata=_help("retries on connection errors / 5xx"))
+    escape_control_tokens: bool = field(
+        default=True, metadata=_help("neutralise control tokens in text sent to the server"))
+
+
+@dataclass
+class EngineSettings:
+    model_path: str = field(default="", metadata=_help("local model folder or hub id"))
+    backend: str = field(default="transformers", metadata=_help("inference backend", choices=BACKENDS))
+    dtype: str = field(default="auto", metadata=_help(
+        "weights dtype", choices=("auto", "float32", "float16", "bfloat16")))
+    device: str = field(default="auto", metadata=_help("transformers device: auto, cpu, cuda, cuda:1"))
+    chat_template: str = field(default="auto", metadata=_help(
+        "'auto' uses the tokenizer's template, else a named one (internlm2_chat, qwen_chat, ...)"))
+    session_len: int = field(default=4096, metadata=_help("maximum context in tokens"))
+    adapter_path: str = field(default="", metadata=_help("LoRA adapter folder served unmerged (transformers)"))
+    lmdeploy: LMDeploySettings = field(default_factory=LMDeploySettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+
+    def validate(self) -> "EngineSettings":
+        if self.backend not in BACKENDS:
+            raise InvalidRequest(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}",
+                                 param="backend")
+        if self.backend != "api" and not self.model_path:
+            raise InvalidRequest("model_path is required for the %s backend" % self.backend,
+                                 param="model_path")
+        if self.session_len < 16:
+            raise InvalidRequest(f"session_len must be >= 16, got {self.session_len}", param="session_len")
+        if self.lmdeploy.quant_policy not in (0, 4, 8):
+            raise InvalidRequest("lmdeploy.quant_policy must be 0, 4 or 8", param="lmdeploy.quant_policy")
+        if not 0 < self.lmdeploy.cache_max_entry_count <= 1:
+            raise InvalidRequest("lmdeploy.cache_max_entry_count must be in (0, 1]",
+                                 param="lmdeploy.cache_max_entry_count")
+        return self
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 40
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    ignore_eos: bool = False  # for benchmarks: always generate max_new_tokens
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> "SamplingParams":
+        def bad(name: str, rule: str) -> InvalidRequest:
+            return InvalidRequest(f"{name} must be {rule}, got {getattr(self, name)!r}", param=name)
+
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
+                or self.max_new_tokens < 1:
+            raise bad("max_new_tokens", "an integer >= 1")
+        if not _is_num(self.temperature) or not 0 <= self.temperature <= 2:
+            raise bad("temperature", "a number in [0, 2]")
+        if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "a number in (0, 1]")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise bad("top_k", "an integer >= 0 (0 disables it)")
+        if not _is_num(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
+            raise bad("repetition_penalty", "a number in (0, 10]")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, (list, tuple)) or len(self.stop) > 16 or \
+                not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "a list of at most 16 non-empty strings")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**63):
+            raise bad("seed", "a non-negative integer")
+        return self
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# --- CLI / environment -----------------------------------------------------------------
+
+def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
+    """Flatten nested dataclass fields into (dotted name, field, type)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += _leaf_fields(tp, f"{prefix}{f.name}.")
+        else:
+            out.append((prefix + f.name, f, tp))
+    return out
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace(".", "-").replace("_", "-")
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.replace(".", "_").upper()
+
+
+def _convert(raw: str, tp: type, name: str) -> Any:
+    try:
+        if tp is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+        return tp(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name}: cannot read {raw!r} as {tp.__name__}", param=name) from None
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per engine setting; defaults are shown but applied in `settings_from_args`."""
+    group = parser.add_argument_group("engine")
+    for name, f, tp in _leaf_fields(EngineSettings):
+        meta = dict(f.metadata)
+        help_text = f"{meta.pop('help', '')} (env {_env(name)}; default: {_default(f)!r})"
+        if tp is bool:
+            group.add_argument(_flag(name), dest=name, default=None, metavar="BOOL",
+                               help=help_text, **meta)
+        else:
+            group.add_argument(_flag(name), dest=name, default=None, type=str, help=help_text, **meta)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def settings_from_args(args: argparse.Namespace | None = None,
+                       env: Mapping[str, str] | None = None) -> EngineSettings:
+    """Build EngineSettings from parsed flags, then env vars, then defaults."""
+    env = os.environ if env is None else env
+    settings = EngineSettings()
+    for name, _f, tp in _leaf_fields(EngineSettings):
+        raw = getattr(args, name, None) if args is not None else None
+        if raw is None:
+            raw = env.get(_env(name))
+        if raw is None:
+            continue
+        value = _convert(raw, tp, name)
+        target = settings
+        *parents, leaf = name.split(".")
+        for p in parents:
+            target = getattr(target, p)
+        setattr(target, leaf, value)
+    return settings.validate()
+
+
+def parse_engine_settings(argv: Sequence[str] | None = None) -> EngineSettings:
+    parser = argparse.ArgumentParser()
+    add_engine_arguments(parser)
+    return settings_from_args(parser.parse_args(argv))

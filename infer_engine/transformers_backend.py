@@ -1,0 +1,216 @@
+"""HF transformers backend: `generate` with a streamer on a worker thread.
+
+Generations run one at a time (a lock around `generate`): plain transformers has no
+continuous batching, and serialising keeps seeded sampling reproducible and outputs
+independent of other sessions. Use an LMDeploy backend for concurrent throughput.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from .base import Delta, Engine, Message, StopStringFilter, UsageMeter, check_messages
+from .errors import EngineError, InvalidRequest
+from .prompts import ChatPrompt
+from .settings import EngineSettings, SamplingParams
+
+_DONE = object()
+
+
+class _IncrementalDecoder:
+    """Decode a growing token list into text deltas without splitting multi-byte characters."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        self.ids.extend(token_ids)
+        dec = self.tokenizer.decode
+        prefix_text = dec(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        new_text = dec(self.ids[self.prefix:], skip_special_tokens=True)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. an incomplete character at the very end)."""
+        dec = self.tokenizer.decode
+        rest = dec(self.ids[self.prefix:], skip_special_tokens=True)
+        done = dec(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        self.prefix = self.read = len(self.ids)
+        return rest[len(done):]
+
+
+class _Run:
+    """One generation's shared state between the worker thread and the consuming generator."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str], eos_ids: set[int], prompt_tokens: int):
+        self.queue: queue.Queue = queue.Queue()
+        self.cancelled = threading.Event()
+        self.decoder = _IncrementalDecoder(tokenizer)
+        self.stop_filter = StopStringFilter(stop)
+        self.eos_ids = eos_ids
+        self.meter = UsageMeter(prompt_tokens=prompt_tokens)
+        self.hit_eos = False
+        self.started = threading.Event()  # holds the model lock
+
+    def should_stop(self) -> bool:
+        return self.cancelled.is_set() or self.stop_filter.stopped
+
+
+class _Streamer:
+    """transformers streamer protocol: put(tensor) per step (the prompt first), end()."""
+
+    def __init__(self, run: _Run):
+        self.run, self.prompt_seen = run, False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        ids = [int(t) for t in value.reshape(-1).tolist()]
+        run = self.run
+        if run.should_stop():
+            return
+        if ids and ids[-1] in run.eos_ids:
+            run.hit_eos = True
+            ids = ids[:-1]
+        run.meter.tokens_out(run.meter.tokens + len(ids))  # the end-of-turn token is not counted
+        text = run.stop_filter.feed(run.decoder.add(ids)) if ids else ""
+        if text:
+            run.queue.put(text)
+
+    def end(self) -> None:
+        pass
+
+
+class TransformersEngine(Engine):
+    def __init__(self, settings: EngineSettings):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.settings = settings
+        self.model_name = Path(settings.model_path).name or settings.model_path
+        self.device = settings.device if settings.device != "auto" else (
+            "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+            settings.dtype)
+        if dtype is None:  # auto: bf16 where the GPU has it, fp32 on CPU
+            dtype = torch.bfloat16 if self.device.startswith("cuda") and torch.cuda.is_bf16_supported() \
+                else torch.float32
+        self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+        model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=dtype)
+        if settings.adapter_path:
+            from peft import PeftModel
+            model = PeftModel.from_pretrained(model, settings.adapter_path)
+        self.model = model.to(self.device).eval()
+        self.prompt = ChatPrompt(self.tokenizer, settings.chat_template)
+        gen_eos = self.model.generation_config.eos_token_id
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.eos_ids = set(gen_eos) | set(self.prompt.stop_token_ids)
+        self._torch = torch
+        self._lock = threading.Lock()       # one generate() at a time
+        self._runs: dict[str, _Run] = {}
+        self._runs_lock = threading.Lock()
+
+    def stream_chat(self, messages: Sequence[Message], sampling: SamplingParams | None = None,
+                    session_id: str = "default") -> Iterator[Delta]:
+        sampling = (sampling or SamplingParams()).validate()
+        msgs, ids = self.prompt.fit(check_messages(messages), self.settings.session_len,
+                                    sampling.max_new_tokens)
+        run = _Run(self.tokenizer, sampling.stop, self.eos_ids, len(ids))
+        with self._runs_lock:
+            if session_id in self._runs:
+                raise InvalidRequest(f"session {session_id!r} already has a running generation",
+                                     param="session_id")
+            self._runs[session_id] = run
+        return self._consume(run, ids, sampling, session_id)
+
+    def _consume(self, run: _Run, ids: list[int], sampling: SamplingParams,
+                 session_id: str) -> Iterator[Delta]:
+        worker = threading.Thread(target=self._generate, args=(run, ids, sampling), daemon=True,
+                                  name=f"generate-{session_id}")
+        worker.start()
+        try:
+            while True:
+                item = run.queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield Delta(item)
+            if run.cancelled.is_set():
+                reason = "cancelled"
+            elif run.stop_filter.stopped or run.hit_eos:
+                reason = "stop"
+            else:
+                reason = "length"
+            yield Delta("", run.meter.usage(reason))
+        finally:
+            run.cancelled.set()  # a consumer that stops reading stops the generation
+            if run.started.is_set():
+                worker.join()  # stops within one decoding step once cancelled
+            with self._runs_lock:
+                if self._runs.get(session_id) is run:
+                    del self._runs[session_id]
+
+    def _generate(self, run: _Run, ids: list[int], sampling: SamplingParams) -> None:
+        torch = self._torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+                return torch.full((input_ids.shape[0],), run.should_stop(), dtype=torch.bool,
+                                  device=input_ids.device)
+
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
+            repetition_penalty=sampling.repetition_penalty, eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+            else sorted(self.eos_ids)[0])
+        if not sampling.greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+        if sampling.ignore_eos:
+            kwargs["min_new_tokens"] = sampling.max_new_tokens
+        try:
+            with self._lock:
+                if run.cancelled.is_set():
+                    return
+                run.started.set()
+                if sampling.seed is not None:
+                    torch.manual_seed(sampling.seed)
+                input_ids = torch.tensor([ids], device=self.device)
+                with torch.inference_mode():
+                    self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                        streamer=_Streamer(run),
+                                        stopping_criteria=StoppingCriteriaList([_Stop()]), **kwargs)
+                if not run.should_stop():
+                    tail = run.stop_filter.feed(run.decoder.flush()) + run.stop_filter.flush()
+                    if tail:
+                        run.queue.put(tail)
+        except Exception as exc:  # surfaced to the caller as a readable error
+            oom = "out of memory" in str(exc).lower()
+            run.queue.put(EngineError(("out of memory: " if oom else "generation failed: ") + str(exc)))
+        finally:
+            run.queue.put(_DONE)
+
+    def cancel(self, session_id: str) -> bool:
+        with self._runs_lock:
+            run = self._runs.get(session_id)
+        if run is None:
+            return False
+        run.cancelled.set()
+        run.queue.put(_DONE)  # wakes a consumer whose run is still waiting for the lock
+        return True
+
+    def close(self) -> None:
+        with self._runs_lock:
+            for run in self._runs.values():
+                run.cancelled.set()
+        self.model = None
+        if self._torch.cuda.is_available():
+            self._torch.cuda.empty_cache()
+

@@ -1,0 +1,119 @@
+"""Build a tiny offline chat model: a Qwen2-architecture model with random weights and a
+byte-level BPE tokenizer trained here with `tokenizers`, carrying InternLM2's special tokens
+and its chat template. Nothing is downloaded; it takes a few seconds on a CPU.
+
+Self-contained on purpose: it runs in the serving environment (transformers 5) and in the
+training environment (transformers 4.48), so it imports neither side's package.
+
+    python scripts/build_tiny_model.py --out models/tiny-chat
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# InternLM2's special tokens; `<|im_end|>` ends an assistant turn.
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|action_start|>",
+                  "<|action_end|>", "<|interpreter|>", "<|plugin|>"]
+
+# InternLM2-chat's own template (what `internlm2_chat` in XTuner renders), BOS included.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+# A small mixed English/Chinese corpus so common words and characters get their own tokens.
+CORPUS = """
+Hello! How can I help you today? I am an AI assistant. I can answer questions, write text,
+translate, summarise documents and help with code. What is your name? Who are you?
+Please introduce yourself. The weather is nice today. Let us learn about machine learning,
+large language models, fine-tuning, LoRA adapters, datasets and evaluation.
+The quick brown fox jumps over the lazy dog. Python is a programming language.
+你好！我是一个人工智能助手，可以回答问题、写作、翻译和编程。你是谁？请介绍一下你自己。
+今天天气很好。我们来学习机器学习、大语言模型、微调、数据集和评测。谢谢你的帮助。
+中国的首都是北京。上海是一个大城市。请用中文回答。我很高兴为你服务。
+""".strip()
+
+
+def build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator([line for line in CORPUS.splitlines() for _ in range(20)], trainer)
+    bos_id = tok.token_to_id("<s>")
+    # BOS on encode(add_special_tokens=True): XTuner's eval hook and LMDeploy rely on it.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
+        pad_token="</s>", additional_special_tokens=SPECIAL_TOKENS[3:],
+        model_input_names=["input_ids", "attention_mask"], clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build(out: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+          vocab_size: int = 1024, max_positions: int = 8192, seed: int = 0) -> Path:
+    """Write the model folder atomically (a temp folder renamed into place)."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    out = Path(out)
+    tokenizer = build_tokenizer(vocab_size)
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions, initializer_range=0.1, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _ensure_template_in_config(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _ensure_template_in_config(folder: Path) -> None:
+    # transformers 5 writes chat_template.jinja; older readers (4.48, LMDeploy) look in the config.
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if "chat_template" not in cfg:
+        cfg["chat_template"] = CHAT_TEMPLATE
+        cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="models/tiny-chat")
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    print(build(a.out, hidden=a.hidden, layers=a.layers, seed=a.seed))
+
+
+if __name__ == "__main__":
+    main()
