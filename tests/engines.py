@@ -1,0 +1,46 @@
+"""Build every backend available in this environment over the tiny model, for the conformance
+suite: transformers directly, the api backend against our own server, and LMDeploy's
+PyTorch engine where CUDA and LMDeploy are present (the GPU machine)."""
+from __future__ import annotations
+
+import importlib.util
+from contextlib import contextmanager
+from typing import Iterator
+
+from infer_engine import Engine, EngineSettings, create_engine
+
+from conftest import ServerThread
+
+
+def available_backends() -> list[str]:
+    names = ["transformers", "api"]
+    try:
+        import torch
+        if torch.cuda.is_available() and importlib.util.find_spec("lmdeploy"):
+            names.append("pytorch")
+    except ImportError:
+        pass
+    return names
+
+
+def local_settings(model: str, backend: str = "transformers", session_len: int = 8192) -> EngineSettings:
+    s = EngineSettings(model_path=str(model), backend=backend, session_len=session_len)
+    if backend == "pytorch":
+        s.lmdeploy.cache_max_entry_count = 0.2
+    return s
+
+
+@contextmanager
+def open_engine(name: str, model: str, session_len: int = 8192) -> Iterator[Engine]:
+    if name != "api":
+        with create_engine(local_settings(model, name, session_len)) as engine:
+            yield engine
+        return
+    from infer_engine.server import create_app
+    with create_engine(local_settings(model, "transformers", session_len)) as served, \
+            ServerThread(create_app(served, api_key="sk-test")) as server:
+        s = EngineSettings(backend="api")
+        s.api.base_url, s.api.api_key = server.base_url, "sk-test"
+        with create_engine(s) as engine:
+            engine.served = served  # the engine behind the server, for server-side checks
+            yield engine

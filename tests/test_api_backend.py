@@ -1,0 +1,116 @@
+"""The api backend against real HTTP servers on 127.0.0.1: retries only before the first token
+and only on connection errors / 5xx; clear errors for 400/401/404."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import ServerThread, free_port
+from engines import local_settings
+from infer_engine import (AuthenticationFailed, BackendUnavailable, EngineSettings, InvalidRequest,
+                          ModelNotFound, SamplingParams, create_engine)
+from infer_engine.server import create_app
+
+MSGS = [{"role": "user", "content": "hi"}]
+SP = SamplingParams(max_new_tokens=8, temperature=0)
+
+
+class FailFirst:
+    """ASGI wrapper: answer the first `n` chat requests with `status`, count every request."""
+
+    def __init__(self, app, n: int, status: int = 503):
+        self.app, self.n, self.status, self.chat_requests = app, n, status, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].endswith("/chat/completions"):
+            self.chat_requests += 1
+            if self.chat_requests <= self.n:
+                await send({"type": "http.response.start", "status": self.status,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body",
+                            "body": b'{"error": {"message": "overloaded", "type": "server_error"}}'})
+                return
+        await self.app(scope, receive, send)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model):
+    with create_engine(local_settings(tiny_model)) as engine:
+        yield engine
+
+
+def api_engine(base_url: str, key: str = "k", model: str = "", retries: int = 3):
+    s = EngineSettings(backend="api")
+    s.api.base_url, s.api.api_key, s.api.model, s.api.max_retries = base_url, key, model, retries
+    s.api.timeout = 10
+    return create_engine(s)
+
+
+def test_retries_5xx_before_first_token(served):
+    app = FailFirst(create_app(served, api_key="k"), n=2)
+    with ServerThread(app) as server, api_engine(server.base_url) as eng:
+        text, usage = eng.chat(MSGS, SP)
+    assert text and usage.completion_tokens > 0
+    assert app.chat_requests == 3
+
+
+def test_gives_up_after_max_retries_with_a_clear_error(served):
+    app = FailFirst(create_app(served, api_key="k"), n=100, status=502)
+    with ServerThread(app) as server, api_engine(server.base_url, retries=2) as eng:
+        with pytest.raises(BackendUnavailable, match=r"failed after 3 attempt\(s\): overloaded"):
+            eng.chat(MSGS, SP)
+    assert app.chat_requests == 3
+
+
+def test_connection_refused_is_retried_then_reported():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with api_engine(url, model="m", retries=2) as eng:
+        t0 = time.perf_counter()
+        with pytest.raises(BackendUnavailable, match=f"{url} failed after 3 attempt"):
+            eng.chat(MSGS, SP)
+        assert time.perf_counter() - t0 >= 0.5 + 1.0  # backoff 0.5 s, then 1 s
+
+
+@pytest.mark.parametrize("status,error", [(400, InvalidRequest), (401, AuthenticationFailed),
+                                          (404, ModelNotFound)])
+def test_client_errors_are_not_retried(served, status, error):
+    app = FailFirst(create_app(served, api_key="k"), n=100, status=status)
+    with ServerThread(app) as server, api_engine(server.base_url, model="tiny-chat") as eng:
+        with pytest.raises(error, match="overloaded"):
+            eng.chat(MSGS, SP)
+    assert app.chat_requests == 1
+
+
+def test_real_401_404_400_from_our_server(served):
+    with ServerThread(create_app(served, api_key="right")) as server:
+        with api_engine(server.base_url, key="wrong", model="tiny-chat") as eng:
+            with pytest.raises(AuthenticationFailed, match="refused the API key"):
+                eng.chat(MSGS, SP)
+        with api_engine(server.base_url, key="right", model="other-model") as eng:
+            with pytest.raises(ModelNotFound, match="other-model"):
+                eng.chat(MSGS, SP)
+        with api_engine(server.base_url, key="right") as eng:
+            assert eng.model_name == "tiny-chat"  # taken from /v1/models
+            with pytest.raises(InvalidRequest, match="context"):
+                eng.chat([{"role": "user", "content": "word " * 9000}], SP)
+
+
+def test_timeout_is_a_clear_error(served):
+    import asyncio
+
+    class Slow:
+        def __init__(self, app):
+            self.app = app
+
+        async def __call__(self, scope, receive, send):
+            if scope["type"] == "http" and scope["path"].endswith("/chat/completions"):
+                await asyncio.sleep(3)
+            await self.app(scope, receive, send)
+
+    with ServerThread(Slow(create_app(served))) as server:
+        s = EngineSettings(backend="api")
+        s.api.base_url, s.api.model, s.api.timeout, s.api.max_retries = server.base_url, "tiny-chat", 0.5, 0
+        with create_engine(s) as eng:
+            with pytest.raises(BackendUnavailable, match="failed after 1 attempt"):
+                eng.chat(MSGS, SP)
