@@ -12,6 +12,7 @@ import asyncio
 import hmac
 import json
 import os
+import socket
 import threading
 import time
 import uuid
@@ -199,6 +200,40 @@ def _close_when_idle(gen: Iterator, timeout: float = 30.0) -> None:
             if time.monotonic() > deadline:
                 return
             time.sleep(0.01)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """Run an ASGI app with uvicorn on 127.0.0.1 in a daemon thread (tests, benchmarks)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None):
+        import uvicorn
+
+        self.host, self.port = host, port or free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __enter__(self) -> "BackgroundServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"server on {self.host}:{self.port} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 def main(argv: list[str] | None = None) -> None:

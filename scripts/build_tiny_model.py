@@ -2,10 +2,15 @@
 byte-level BPE tokenizer trained here with `tokenizers`, carrying InternLM2's special tokens
 and its chat template. Nothing is downloaded; it takes a few seconds on a CPU.
 
+With --shape it builds a random-weight model of a real size instead (for benchmarks and GPU
+runs: speed does not depend on weight values); the tokenizer's vocabulary is padded to the
+shape's so every id the model can emit decodes.
+
 Self-contained on purpose: it runs in the serving environment (transformers 5) and in the
 training environment (transformers 4.48), so it imports neither side's package.
 
     python scripts/build_tiny_model.py --out models/tiny-chat
+    python scripts/build_tiny_model.py --shape qwen2-1.5b --out /tmp/qwen2-1.5b-random
 """
 from __future__ import annotations
 
@@ -39,7 +44,22 @@ The quick brown fox jumps over the lazy dog. Python is a programming language.
 """.strip()
 
 
-def build_tokenizer(vocab_size: int):
+# Real model sizes, as Qwen2-architecture configs (InternLM2-like ones keep InternLM2's widths).
+SHAPES: dict[str, dict] = {
+    "qwen2-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
+                       tie=True),
+    "qwen2-1.5b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936,
+                       tie=True),
+    "qwen2-7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064,
+                     tie=False),
+    "internlm2-1.8b": dict(hidden=2048, layers=24, heads=16, kv_heads=8, intermediate=8192,
+                           vocab=92544, tie=False),
+    "internlm2-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336,
+                         vocab=92544, tie=False),
+}
+
+
+def build_tokenizer(vocab_size: int, pad_to: int | None = None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,6 +70,8 @@ def build_tokenizer(vocab_size: int):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator([line for line in CORPUS.splitlines() for _ in range(20)], trainer)
+    if pad_to and pad_to > tok.get_vocab_size():
+        tok = _pad_vocab(tok, pad_to)
     bos_id = tok.token_to_id("<s>")
     # BOS on encode(add_special_tokens=True): XTuner's eval hook and LMDeploy rely on it.
     tok.post_processor = processors.TemplateProcessing(
@@ -62,22 +84,48 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
+def _pad_vocab(tok, size: int):
+    """Append plain vocabulary entries (no merges reach them) so ids up to `size` decode."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    for i in range(len(vocab), size):
+        vocab[f"fill{i}"] = i  # printable ASCII: the byte-level decoder maps it to itself
+    return Tokenizer.from_str(json.dumps(data))
+
+
 def build(out: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-          vocab_size: int = 1024, max_positions: int = 8192, seed: int = 0) -> Path:
+          vocab_size: int = 1024, max_positions: int = 8192, seed: int = 0,
+          shape: str | None = None, device: str = "cpu") -> Path:
     """Write the model folder atomically (a temp folder renamed into place)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     out = Path(out)
-    tokenizer = build_tokenizer(vocab_size)
+    real = SHAPES[shape] if shape else None
+    tokenizer = build_tokenizer(vocab_size, pad_to=real["vocab"] if real else None)
     torch.manual_seed(seed)
+    dims = dict(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv_heads, initializer_range=0.1,
+                tie_word_embeddings=False, vocab_size=len(tokenizer))
+    if real:
+        dims = dict(hidden_size=real["hidden"], intermediate_size=real["intermediate"],
+                    num_hidden_layers=real["layers"], num_attention_heads=real["heads"],
+                    num_key_value_heads=real["kv_heads"], initializer_range=0.02,
+                    tie_word_embeddings=real["tie"], vocab_size=real["vocab"])
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=max_positions, initializer_range=0.1, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    model = Qwen2ForCausalLM(config).eval()
+        max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **dims)
+    # real sizes: initialise in bf16 on the target device (CPU init of 7B takes minutes)
+    dtype = torch.bfloat16 if real else torch.float32
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id],
         pad_token_id=tokenizer.pad_token_id)
@@ -111,8 +159,10 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a real model size")
+    p.add_argument("--device", default="cpu", help="where to initialise (cuda is much faster for --shape)")
     a = p.parse_args()
-    print(build(a.out, hidden=a.hidden, layers=a.layers, seed=a.seed))
+    print(build(a.out, hidden=a.hidden, layers=a.layers, seed=a.seed, shape=a.shape, device=a.device))
 
 
 if __name__ == "__main__":

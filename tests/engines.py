@@ -9,7 +9,7 @@ from typing import Iterator
 
 from infer_engine import Engine, EngineSettings, create_engine
 
-from conftest import ServerThread
+from infer_engine.server import BackgroundServer
 
 
 def available_backends() -> list[str]:
@@ -32,13 +32,20 @@ def local_settings(model: str, backend: str = "transformers", session_len: int =
 
 @contextmanager
 def open_engine(name: str, model: str, session_len: int = 8192) -> Iterator[Engine]:
+    if name in ("pytorch", "turbomind"):
+        # same tokenizer, wider heads: GPU attention kernels want head_dim >= 32
+        import tempfile
+
+        from conftest import load_script
+        tmp = tempfile.mkdtemp(prefix="tiny-gpu-")
+        model = str(load_script("build_tiny_model").build(f"{tmp}/tiny-chat", hidden=256, heads=4))
     if name != "api":
         with create_engine(local_settings(model, name, session_len)) as engine:
             yield engine
         return
     from infer_engine.server import create_app
     with create_engine(local_settings(model, "transformers", session_len)) as served, \
-            ServerThread(create_app(served, api_key="sk-test")) as server:
+            BackgroundServer(create_app(served, api_key="sk-test")) as server:
         s = EngineSettings(backend="api")
         s.api.base_url, s.api.api_key = server.base_url, "sk-test"
         with create_engine(s) as engine:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import ServerThread, free_port
+from infer_engine.server import BackgroundServer, free_port
 from engines import local_settings
 from infer_engine import (AuthenticationFailed, BackendUnavailable, EngineSettings, InvalidRequest,
                           ModelNotFound, SamplingParams, create_engine)
@@ -49,7 +49,7 @@ def api_engine(base_url: str, key: str = "k", model: str = "", retries: int = 3)
 
 def test_retries_5xx_before_first_token(served):
     app = FailFirst(create_app(served, api_key="k"), n=2)
-    with ServerThread(app) as server, api_engine(server.base_url) as eng:
+    with BackgroundServer(app) as server, api_engine(server.base_url) as eng:
         text, usage = eng.chat(MSGS, SP)
     assert text and usage.completion_tokens > 0
     assert app.chat_requests == 3
@@ -57,7 +57,7 @@ def test_retries_5xx_before_first_token(served):
 
 def test_gives_up_after_max_retries_with_a_clear_error(served):
     app = FailFirst(create_app(served, api_key="k"), n=100, status=502)
-    with ServerThread(app) as server, api_engine(server.base_url, retries=2) as eng:
+    with BackgroundServer(app) as server, api_engine(server.base_url, retries=2) as eng:
         with pytest.raises(BackendUnavailable, match=r"failed after 3 attempt\(s\): overloaded"):
             eng.chat(MSGS, SP)
     assert app.chat_requests == 3
@@ -76,14 +76,14 @@ def test_connection_refused_is_retried_then_reported():
                                           (404, ModelNotFound)])
 def test_client_errors_are_not_retried(served, status, error):
     app = FailFirst(create_app(served, api_key="k"), n=100, status=status)
-    with ServerThread(app) as server, api_engine(server.base_url, model="tiny-chat") as eng:
+    with BackgroundServer(app) as server, api_engine(server.base_url, model="tiny-chat") as eng:
         with pytest.raises(error, match="overloaded"):
             eng.chat(MSGS, SP)
     assert app.chat_requests == 1
 
 
 def test_real_401_404_400_from_our_server(served):
-    with ServerThread(create_app(served, api_key="right")) as server:
+    with BackgroundServer(create_app(served, api_key="right")) as server:
         with api_engine(server.base_url, key="wrong", model="tiny-chat") as eng:
             with pytest.raises(AuthenticationFailed, match="refused the API key"):
                 eng.chat(MSGS, SP)
@@ -108,7 +108,7 @@ def test_timeout_is_a_clear_error(served):
                 await asyncio.sleep(3)
             await self.app(scope, receive, send)
 
-    with ServerThread(Slow(create_app(served))) as server:
+    with BackgroundServer(Slow(create_app(served))) as server:
         s = EngineSettings(backend="api")
         s.api.base_url, s.api.model, s.api.timeout, s.api.max_retries = server.base_url, "tiny-chat", 0.5, 0
         with create_engine(s) as eng:

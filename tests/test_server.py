@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 
-from conftest import ServerThread
+from infer_engine.server import BackgroundServer
 from engines import local_settings
 from infer_engine import create_engine
 from infer_engine.server import create_app
@@ -19,7 +19,7 @@ KEY = "sk-server-test"
 @pytest.fixture(scope="module")
 def served(tiny_model):
     with create_engine(local_settings(tiny_model)) as engine, \
-            ServerThread(create_app(engine, api_key=KEY)) as server:
+            BackgroundServer(create_app(engine, api_key=KEY)) as server:
         yield engine, server
 
 

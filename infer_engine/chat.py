@@ -1,0 +1,81 @@
+"""Chat with any backend in the terminal.
+
+    python -m infer_engine.chat --model-path models/tiny-chat [--system "..."] [--temperature 0.7]
+
+Type a message and Enter. Commands: /reset (forget the history), /exit. Ctrl-C while a reply
+streams stops it (the engine cancels the generation); Ctrl-C at the prompt quits.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import uuid
+
+from .errors import EngineError
+from .factory import create_engine
+from .settings import SamplingParams, add_engine_arguments, settings_from_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Chat with a model in the terminal")
+    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=SamplingParams.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=SamplingParams.temperature)
+    p.add_argument("--top-p", type=float, default=SamplingParams.top_p)
+    p.add_argument("--top-k", type=int, default=SamplingParams.top_k)
+    p.add_argument("--repetition-penalty", type=float, default=SamplingParams.repetition_penalty)
+    add_engine_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, top_k=args.top_k,
+                                  repetition_penalty=args.repetition_penalty).validate()
+        engine = create_engine(settings)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    session = uuid.uuid4().hex
+    print(f"chatting with {engine.model_name} ({settings.backend}); /reset, /exit", flush=True)
+    with engine:
+        while True:
+            try:
+                line = input("\n>>> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if line in ("/exit", "/quit"):
+                return 0
+            if line == "/reset":
+                history = history[:1] if args.system else []
+                print("(history cleared)")
+                continue
+            if not line:
+                continue
+            history.append({"role": "user", "content": line})
+            reply, usage = [], None
+            stream = engine.stream_chat(history, sampling, session)
+            try:
+                for delta in stream:
+                    print(delta.text, end="", flush=True)
+                    reply.append(delta.text)
+                    usage = delta.usage or usage
+            except KeyboardInterrupt:
+                engine.cancel(session)
+                threading.Thread(target=lambda: list(stream), daemon=True).start()
+                print("\n(stopped)")
+            except EngineError as exc:
+                print(f"\nerror: {exc}")
+                history.pop()
+                continue
+            history.append({"role": "assistant", "content": "".join(reply)})
+            if usage:
+                tps = f", {usage.decode_tokens_per_s:.1f} tok/s" if usage.decode_tokens_per_s else ""
+                ttft = f", first token {usage.ttft_s * 1000:.0f} ms" if usage.ttft_s is not None else ""
+                print(f"\n[{usage.completion_tokens} tokens{ttft}{tps}]")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Benchmark backends side by side in one run: time to first token and decode tokens/s at 1
+and N concurrent sessions, with ratios against the first backend.
+
+    # GPU: random-weight Qwen2-1.5B shape, ours vs LMDeploy's pipeline called directly
+    python scripts/bench_engines.py --shape qwen2-1.5b \\
+        --backends transformers,pytorch,lmdeploy-pipeline --concurrency 1,64
+    # CPU: the tiny model, transformers directly and through our OpenAI server
+    python scripts/bench_engines.py --model-path models/tiny-chat --backends transformers,api \\
+        --concurrency 1,4 --new-tokens 64
+
+Backends: transformers, pytorch, turbomind, api (our engines; api starts our own server over a
+transformers engine unless --api-base-url is given), lmdeploy-pipeline (LMDeploy's
+`pipeline().stream_infer` called directly: the baseline our LMDeploy backend must match).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from infer_engine import EngineSettings, SamplingParams, create_engine  # noqa: E402
+
+WORDS = ("the model answers questions about data training evaluation language learning people "
+         "city river mountain music science history 你好 世界 学习 模型").split()
+
+
+@dataclass
+class Result:
+    backend: str
+    n: int
+    ttft_ms: float        # mean over streams
+    stream_tps: float     # mean decode tokens/s of one stream
+    total_tps: float      # all completion tokens / wall time
+    tokens: int
+
+
+def prompts(n: int, words: int) -> list[list[dict]]:
+    return [[{"role": "user", "content": " ".join(WORDS[(i * 7 + j * 3) % len(WORDS)]
+                                                   for j in range(words)) + f" #{i}"}]
+            for i in range(n)]
+
+
+def run_engine(engine, msgs: list[list[dict]], sp: SamplingParams, label: str) -> Result:
+    n = len(msgs)
+    out: list = [None] * n
+    barrier = threading.Barrier(n + 1)
+
+    def one(i: int) -> None:
+        barrier.wait()
+        t0, first, usage = time.perf_counter(), None, None
+        for d in engine.stream_chat(msgs[i], sp, f"bench-{label}-{i}"):
+            if first is None and d.text:
+                first = time.perf_counter()
+            usage = d.usage or usage
+        out[i] = (first - t0 if first else float("nan"), usage)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    tokens = sum(u.completion_tokens for _, u in out)
+    return Result(label, n, 1000 * statistics.mean(t for t, _ in out),
+                  statistics.mean(u.decode_tokens_per_s or 0.0 for _, u in out), tokens / wall, tokens)
+
+
+def run_pipeline(pipe, texts: list[str], gen_config, label: str) -> Result:
+    """LMDeploy's own pipeline, all prompts in one stream_infer call (its multiplexed iterator)."""
+    n = len(texts)
+    first: list = [None] * n
+    last: list = [None] * n
+    count = [0] * n
+    t0 = time.perf_counter()
+    for out in pipe.stream_infer(texts, gen_config=gen_config, do_preprocess=False):
+        now = time.perf_counter()
+        i = out.index
+        if out.text and first[i] is None:
+            first[i] = now
+        last[i], count[i] = now, out.generate_token_len
+    wall = time.perf_counter() - t0
+    # decode rate of a stream: tokens after the first chunk over the time after it
+    rates = [(count[i] - 1) / (last[i] - first[i]) if first[i] and last[i] > first[i] else 0.0
+             for i in range(n)]
+    return Result(label, n, 1000 * statistics.mean((first[i] or t0) - t0 for i in range(n)),
+                  statistics.mean(rates), sum(count) / wall, sum(count))
+
+
+def engine_settings(args, backend: str, model: str) -> EngineSettings:
+    s = EngineSettings(model_path=model, backend=backend, session_len=args.session_len,
+                       dtype=args.dtype)
+    s.lmdeploy.cache_max_entry_count = args.cache_max_entry_count
+    s.lmdeploy.max_batch_size = max(args.concurrency)
+    return s
+
+
+def bench_backend(args, backend: str, model: str, sp: SamplingParams) -> list[Result]:
+    results = []
+    if backend == "lmdeploy-pipeline":
+        from lmdeploy import pipeline
+
+        from infer_engine.lmdeploy_backend import backend_config, generation_config
+        from infer_engine.prompts import ChatPrompt
+        from transformers import AutoTokenizer
+
+        s = engine_settings(args, "pytorch", model)
+        chat = ChatPrompt(AutoTokenizer.from_pretrained(model), s.chat_template)
+        pipe = pipeline(model, backend_config=backend_config(s), log_level="WARNING")
+        gen = generation_config(sp, chat.stop_token_ids)
+        try:
+            run_pipeline(pipe, [chat.text(m) for m in prompts(2, 8)], gen, backend)  # warm-up
+            for n in args.concurrency:
+                results.append(run_pipeline(pipe, [chat.text(m) for m in prompts(n, args.prompt_words)],
+                                            gen, backend))
+                print(fmt(results[-1]), flush=True)
+        finally:
+            pipe.close()
+        return results
+
+    server = served = None
+    if backend == "api":
+        s = EngineSettings(backend="api")
+        if args.api_base_url:
+            s.api.base_url, s.api.api_key, s.api.model = args.api_base_url, args.api_key, args.api_model
+        else:  # our own OpenAI server over a transformers engine on the same model
+            from infer_engine.server import BackgroundServer, create_app
+            served = create_engine(engine_settings(args, "transformers", model))
+            server = BackgroundServer(create_app(served)).__enter__()
+            s.api.base_url = server.base_url
+    else:
+        s = engine_settings(args, backend, model)
+    engine = create_engine(s)
+    try:
+        run_engine(engine, prompts(2, 8), SamplingParams(**{**sp.__dict__, "max_new_tokens": 8}), backend)
+        for n in args.concurrency:
+            results.append(run_engine(engine, prompts(n, args.prompt_words), sp, backend))
+            print(fmt(results[-1]), flush=True)
+    finally:
+        engine.close()
+        if server:
+            server.__exit__(None, None, None)
+            served.close()
+    return results
+
+
+def fmt(r: Result, base: Result | None = None) -> str:
+    ratio = f"{r.total_tps / base.total_tps:8.2f}x" if base and base.total_tps else "        -"
+    return (f"{r.backend:<18} {r.n:>4} {r.ttft_ms:>10.1f} {r.stream_tps:>14.1f} {r.total_tps:>12.1f} "
+            f"{ratio}")
+
+
+def free_memory() -> None:
+    gc.collect()
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-path")
+    src.add_argument("--shape", help="random-weight model of a real size (see build_tiny_model.py)")
+    p.add_argument("--backends", default="transformers",
+                   help="comma list: transformers, pytorch, turbomind, api, lmdeploy-pipeline")
+    p.add_argument("--concurrency", default="1,8", help="comma list of concurrent sessions")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prompt-words", type=int, default=64)
+    p.add_argument("--session-len", type=int, default=4096)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--cache-max-entry-count", type=float, default=0.5)
+    p.add_argument("--api-base-url", default="")
+    p.add_argument("--api-key", default="EMPTY")
+    p.add_argument("--api-model", default="")
+    args = p.parse_args()
+    args.concurrency = [int(x) for x in args.concurrency.split(",")]
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+
+    model = args.model_path
+    tmp = None
+    if args.shape:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import build_tiny_model
+        import torch
+        tmp = tempfile.TemporaryDirectory(prefix="bench-model-")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = str(build_tiny_model.build(Path(tmp.name) / args.shape, shape=args.shape, device=device))
+        free_memory()
+
+    sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    print(f"model={args.shape or model} new_tokens={args.new_tokens} prompt_words={args.prompt_words}")
+    header = f"{'backend':<18} {'N':>4} {'TTFT ms':>10} {'tok/s/stream':>14} {'total tok/s':>12} {'vs first':>9}"
+    print(header, flush=True)
+    results: list[Result] = []
+    for b in backends:
+        results += bench_backend(args, b, model, sp)
+        free_memory()
+
+    print("\n" + header)
+    for r in results:
+        base = next(x for x in results if x.n == r.n)
+        print(fmt(r, base))
+    if tmp:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
