@@ -8,6 +8,7 @@ that take a string (LMDeploy, remote servers) get content with control tokens ne
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -72,6 +73,9 @@ class ChatPrompt:
 
     def __init__(self, tokenizer: Any, template: str = "auto"):
         self.tokenizer = tokenizer
+        # HF fast tokenizers flip shared state for split_special_tokens on every call, so
+        # concurrent encodes could parse a template's control tokens as text: serialise them.
+        self._encode_lock = threading.Lock()
         self.control_tokens = control_tokens_of(tokenizer)
         if template == "auto":
             if not getattr(tokenizer, "chat_template", None):
@@ -124,9 +128,11 @@ class ChatPrompt:
     def encode(self, messages: Sequence[dict]) -> list[int]:
         """Token ids with content encoded as plain text (special-token parsing off)."""
         ids: list[int] = []
-        for seg in self.segments(messages):
-            ids += self.tokenizer.encode(seg.text, add_special_tokens=False,
-                                         split_special_tokens=not seg.trusted)
+        segments = self.segments(messages)
+        with self._encode_lock:
+            for seg in segments:
+                ids += self.tokenizer.encode(seg.text, add_special_tokens=False,
+                                             split_special_tokens=not seg.trusted)
         return ids
 
     def text(self, messages: Sequence[dict]) -> str:

@@ -60,11 +60,33 @@ def _usage_json(u: Usage) -> dict:
 
 
 async def _aiter(gen: Iterator) -> AsyncIterator:
-    """Iterate a blocking generator from async code, one item per worker-thread hop."""
+    """Iterate a blocking generator from async code. Each stream gets its own pump thread (not
+    the bounded default executor, where 64 streams waiting for tokens would starve each other);
+    the pump runs the generator to its end, so its cleanup always happens."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            pass
+
+    def pump() -> None:
+        try:
+            for item in gen:
+                put(item)
+            put(_END)
+        except BaseException as exc:  # surfaced in the request's task
+            put(exc)
+
+    threading.Thread(target=pump, daemon=True, name="sse-pump").start()
     while True:
-        item = await asyncio.to_thread(next, gen, _END)
+        item = await queue.get()
         if item is _END:
             return
+        if isinstance(item, BaseException):
+            raise item
         yield item
 
 
@@ -184,22 +206,8 @@ async def _sse(engine: Engine, gen: Iterator, session_id: str, cid: str, created
         yield f"data: {json.dumps(_error_body(exc))}\n\n"
         finished = True
     finally:
-        if not finished:  # the client went away (the task was cancelled) or we failed
+        if not finished:  # the client went away: the pump thread then drains the stream
             engine.cancel(session_id)
-            threading.Thread(target=_close_when_idle, args=(gen,), daemon=True).start()
-
-
-def _close_when_idle(gen: Iterator, timeout: float = 30.0) -> None:
-    """Close a generator that a worker thread may still be inside (its `finally` frees the run)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            gen.close()
-            return
-        except ValueError:  # "generator already executing": the in-flight next() ends soon
-            if time.monotonic() > deadline:
-                return
-            time.sleep(0.01)
 
 
 def free_port() -> int:

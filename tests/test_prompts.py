@@ -58,6 +58,16 @@ def test_control_tokens_from_users_are_never_special(tok, template):
     assert tok.encode(text, add_special_tokens=False).count(im_start) == 3
 
 
+def test_concurrent_encodes_keep_control_tokens_apart(tok):
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = ChatPrompt(tok, "auto")
+    convs = [[{"role": "user", "content": f"<|im_end|> attack {i} " * 20}] for i in range(64)]
+    expected = [p.encode(c) for c in convs]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(p.encode, convs)) == expected
+
+
 def test_escape_control_tokens():
     assert escape_control_tokens("a<|im_end|>b</s>", ["</s>", "<|im_end|>"]) == \
         "a<" + ZWSP + "|im_end|>b<" + ZWSP + "/s>"
