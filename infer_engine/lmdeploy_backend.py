@@ -57,12 +57,10 @@ def generation_config(sampling: SamplingParams, stop_token_ids: Sequence[int] = 
 class LMDeployEngine(Engine):
     def __init__(self, settings: EngineSettings, pipeline_kwargs: dict | None = None):
         from lmdeploy import pipeline
-        from transformers import AutoTokenizer
 
         self.settings = settings
         self.model_name = Path(settings.model_path).name or settings.model_path
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path, trust_remote_code=True)
-        self.prompt = ChatPrompt(self.tokenizer, settings.chat_template)
+        self.prompt = ChatPrompt.from_pretrained(settings.model_path, settings.chat_template)
         self.pipe = pipeline(settings.model_path, backend_config=backend_config(settings),
                              log_level="WARNING", **(pipeline_kwargs or {}))
         self._sessions: dict[str, Any] = {}

@@ -66,21 +66,27 @@ def control_tokens_of(tokenizer: Any) -> list[str]:
     return sorted(t for t in toks if t)
 
 
+# `auto` for a tokenizer without a chat template: the XTuner template of its architecture
+TEMPLATE_BY_MODEL_TYPE = {"internlm2": "internlm2_chat", "qwen2": "qwen_chat", "internlm": "internlm_chat"}
+
+
 class ChatPrompt:
     """Renders message lists for one tokenizer, with a named template or the tokenizer's own."""
 
     _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 
-    def __init__(self, tokenizer: Any, template: str = "auto"):
+    def __init__(self, tokenizer: Any, template: str = "auto", model_type: str = ""):
         self.tokenizer = tokenizer
         # HF fast tokenizers flip shared state for split_special_tokens on every call, so
         # concurrent encodes could parse a template's control tokens as text: serialise them.
         self._encode_lock = threading.Lock()
         self.control_tokens = control_tokens_of(tokenizer)
-        if template == "auto":
-            if not getattr(tokenizer, "chat_template", None):
+        if template == "auto" and not getattr(tokenizer, "chat_template", None):
+            template = TEMPLATE_BY_MODEL_TYPE.get(model_type, "")
+            if not template:
                 raise InvalidRequest("the tokenizer has no chat_template; name one with --chat-template "
                                      f"({', '.join(NAMED_TEMPLATES)})", param="chat_template")
+        if template == "auto":
             self.named = None
         elif template in NAMED_TEMPLATES:
             self.named = NAMED_TEMPLATES[template]
@@ -89,6 +95,13 @@ class ChatPrompt:
                                  f"got {template!r}", param="chat_template")
         self.stop_words = self._stop_words()
         self.stop_token_ids = self._single_token_ids(self.stop_words)
+
+    @classmethod
+    def from_pretrained(cls, model_path: str, template: str = "auto") -> "ChatPrompt":
+        from transformers import AutoConfig, AutoTokenizer
+
+        model_type = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=True), "model_type", "")
+        return cls(AutoTokenizer.from_pretrained(model_path, trust_remote_code=True), template, model_type)
 
     # -- rendering -------------------------------------------------------------------
     def segments(self, messages: Sequence[dict]) -> list[Segment]:

@@ -107,7 +107,8 @@ class TransformersEngine(Engine):
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, settings.adapter_path)
         self.model = model.to(self.device).eval()
-        self.prompt = ChatPrompt(self.tokenizer, settings.chat_template)
+        self.prompt = ChatPrompt(self.tokenizer, settings.chat_template,
+                                 getattr(self.model.config, "model_type", ""))
         gen_eos = self.model.generation_config.eos_token_id
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.eos_ids = set(gen_eos) | set(self.prompt.stop_token_ids)

@@ -112,10 +112,9 @@ def bench_backend(args, backend: str, model: str, sp: SamplingParams) -> list[Re
 
         from infer_engine.lmdeploy_backend import backend_config, generation_config
         from infer_engine.prompts import ChatPrompt
-        from transformers import AutoTokenizer
 
         s = engine_settings(args, "pytorch", model)
-        chat = ChatPrompt(AutoTokenizer.from_pretrained(model), s.chat_template)
+        chat = ChatPrompt.from_pretrained(model, s.chat_template)
         pipe = pipeline(model, backend_config=backend_config(s), log_level="WARNING")
         gen = generation_config(sp, chat.stop_token_ids)
         try:

@@ -96,6 +96,17 @@ def test_fit_raises_when_newest_message_alone_is_too_long(tok):
         p.fit([{"role": "user", "content": "word " * 100}], session_len=64, max_new_tokens=32)
 
 
+def test_auto_falls_back_to_the_architectures_named_template(tok):
+    from transformers import AutoTokenizer
+
+    bare = AutoTokenizer.from_pretrained(tok.name_or_path)
+    bare.chat_template = None
+    p = ChatPrompt(bare, "auto", model_type="internlm2")
+    assert p.named is not None and bare.decode(p.encode(CONVERSATION)) == XTUNER_INTERNLM2
+    with pytest.raises(InvalidRequest, match="no chat_template; name one with --chat-template"):
+        ChatPrompt(bare, "auto", model_type="mystery")
+
+
 def test_unknown_template_is_a_clear_error(tok):
     with pytest.raises(InvalidRequest, match="chat_template must be 'auto' or one of internlm2_chat"):
         ChatPrompt(tok, "nonsense")
