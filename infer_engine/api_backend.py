@@ -6,10 +6,9 @@ first token arrives; 400/401/404 become clear errors at once. Cancel closes the 
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any, Iterator, Sequence
 
-from .base import Delta, Engine, Message, UsageMeter, check_messages
+from .base import Delta, Engine, Message, SessionRegistry, UsageMeter, check_messages
 from .errors import (AuthenticationFailed, BackendUnavailable, EngineError, InvalidRequest,
                      ModelNotFound)
 from .prompts import escape_control_tokens
@@ -36,8 +35,7 @@ class ApiEngine(Engine):
         self.client = OpenAI(base_url=self.settings.base_url, api_key=self.settings.api_key or "EMPTY",
                              timeout=self.settings.timeout, max_retries=0)
         self._model = self.settings.model
-        self._sessions: dict[str, _Session] = {}
-        self._lock = threading.Lock()
+        self._sessions: SessionRegistry[_Session] = SessionRegistry()
 
     @property
     def model_name(self) -> str:
@@ -91,12 +89,7 @@ class ApiEngine(Engine):
                     session_id: str = "default") -> Iterator[Delta]:
         sampling = (sampling or SamplingParams()).validate()
         req = self._request(check_messages(messages), sampling)
-        session = _Session()
-        with self._lock:
-            if session_id in self._sessions:
-                raise InvalidRequest(f"session {session_id!r} already has a running generation",
-                                     param="session_id")
-            self._sessions[session_id] = session
+        session = self._sessions.add(session_id, _Session())
         try:
             meter = UsageMeter()
 
@@ -112,7 +105,7 @@ class ApiEngine(Engine):
 
             stream, head = self._call(open_and_read_first, session)
         except BaseException:
-            self._forget(session_id, session)
+            self._sessions.remove(session_id, session)
             raise
         return self._consume(stream, head, session, session_id, meter)
 
@@ -149,16 +142,10 @@ class ApiEngine(Engine):
         finally:
             session.cancelled.set()
             stream.close()
-            self._forget(session_id, session)
-
-    def _forget(self, session_id: str, session: _Session) -> None:
-        with self._lock:
-            if self._sessions.get(session_id) is session:
-                del self._sessions[session_id]
+            self._sessions.remove(session_id, session)
 
     def cancel(self, session_id: str) -> bool:
-        with self._lock:
-            session = self._sessions.get(session_id)
+        session = self._sessions.get(session_id)
         if session is None:
             return False
         session.cancelled.set()
@@ -170,7 +157,7 @@ class ApiEngine(Engine):
         return True
 
     def close(self) -> None:
-        for sid in list(self._sessions):
+        for sid, _ in self._sessions.items():
             self.cancel(sid)
         self.client.close()
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import abc
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Generic, Iterator, Sequence, TypeVar
 
 from .errors import InvalidRequest
 from .settings import SamplingParams
@@ -88,6 +89,42 @@ class StopStringFilter:
     def flush(self) -> str:
         out, self.buffer = ("" if self.stopped else self.buffer), ""
         return out
+
+
+T = TypeVar("T")
+
+
+class SessionRegistry(Generic[T]):
+    """The running generation of each session id (one at a time per session), thread-safe."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, T] = {}
+        self._lock = threading.Lock()
+
+    def add(self, session_id: str, item: T) -> T:
+        with self._lock:
+            if session_id in self._items:
+                raise InvalidRequest(f"session {session_id!r} already has a running generation",
+                                     param="session_id")
+            self._items[session_id] = item
+        return item
+
+    def get(self, session_id: str) -> T | None:
+        with self._lock:
+            return self._items.get(session_id)
+
+    def remove(self, session_id: str, item: T) -> None:
+        """Forget `item` (not a newer generation that reused the session id)."""
+        with self._lock:
+            if self._items.get(session_id) is item:
+                del self._items[session_id]
+
+    def items(self) -> list[tuple[str, T]]:
+        with self._lock:
+            return list(self._items.items())
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 def check_messages(messages: Sequence[Message]) -> list[Message]:

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                     usage = delta.usage or usage
             except KeyboardInterrupt:
                 engine.cancel(session)
-                threading.Thread(target=lambda: list(stream), daemon=True).start()
+                threading.Thread(target=list, args=(stream,), daemon=True).start()  # drain
                 print("\n(stopped)")
             except EngineError as exc:
                 print(f"\nerror: {exc}")

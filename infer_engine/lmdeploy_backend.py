@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .base import Delta, Engine, Message, StopStringFilter, UsageMeter, check_messages
+from .base import (Delta, Engine, Message, SessionRegistry, StopStringFilter, UsageMeter,
+                   check_messages)
 from .errors import ContextOverflow, EngineError, InvalidRequest
 from .prompts import ChatPrompt
 from .settings import EngineSettings, SamplingParams
@@ -63,8 +64,7 @@ class LMDeployEngine(Engine):
         self.prompt = ChatPrompt.from_pretrained(settings.model_path, settings.chat_template)
         self.pipe = pipeline(settings.model_path, backend_config=backend_config(settings),
                              log_level="WARNING", **(pipeline_kwargs or {}))
-        self._sessions: dict[str, Any] = {}
-        self._lock = threading.Lock()
+        self._sessions: SessionRegistry[tuple[Any, threading.Event]] = SessionRegistry()
 
     def stream_chat(self, messages: Sequence[Message], sampling: SamplingParams | None = None,
                     session_id: str = "default") -> Iterator[Delta]:
@@ -72,19 +72,15 @@ class LMDeployEngine(Engine):
         msgs, ids = self.prompt.fit(check_messages(messages), self.settings.session_len,
                                     sampling.max_new_tokens)
         gen_config = generation_config(sampling, self.prompt.stop_token_ids)
-        with self._lock:
-            if session_id in self._sessions:
-                raise InvalidRequest(f"session {session_id!r} already has a running generation",
-                                     param="session_id")
-            session = self.pipe.session()
-            cancelled = threading.Event()
-            self._sessions[session_id] = (session, cancelled)
+        entry = self._sessions.add(session_id, (self.pipe.session(), threading.Event()))
+        session, cancelled = entry
         outputs = self.pipe.stream_infer(self.prompt.text(msgs), sessions=session,
                                          gen_config=gen_config, do_preprocess=False)
-        return self._consume(outputs, session, cancelled, session_id, sampling, UsageMeter(len(ids)))
+        return self._consume(outputs, entry, session_id, sampling, UsageMeter(len(ids)))
 
-    def _consume(self, outputs: Iterator, session: Any, cancelled: threading.Event, session_id: str,
+    def _consume(self, outputs: Iterator, entry: tuple[Any, threading.Event], session_id: str,
                  sampling: SamplingParams, meter: UsageMeter) -> Iterator[Delta]:
+        session, cancelled = entry
         stop = StopStringFilter(sampling.stop)
         finish = None
         try:
@@ -108,8 +104,7 @@ class LMDeployEngine(Engine):
                 finish = "cancelled"
             yield Delta("", meter.usage(finish or "stop"))
         finally:
-            with self._lock:
-                self._sessions.pop(session_id, None)
+            self._sessions.remove(session_id, entry)
             try:
                 session.abort()  # no-op when finished; stops it when the consumer went away
                 session.close()
@@ -117,8 +112,7 @@ class LMDeployEngine(Engine):
                 pass
 
     def cancel(self, session_id: str) -> bool:
-        with self._lock:
-            entry = self._sessions.get(session_id)
+        entry = self._sessions.get(session_id)
         if entry is None:
             return False
         session, cancelled = entry

@@ -11,8 +11,9 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .base import Delta, Engine, Message, StopStringFilter, UsageMeter, check_messages
-from .errors import EngineError, InvalidRequest
+from .base import (Delta, Engine, Message, SessionRegistry, StopStringFilter, UsageMeter,
+                   check_messages)
+from .errors import EngineError
 from .prompts import ChatPrompt
 from .settings import EngineSettings, SamplingParams
 
@@ -114,20 +115,14 @@ class TransformersEngine(Engine):
         self.eos_ids = set(gen_eos) | set(self.prompt.stop_token_ids)
         self._torch = torch
         self._lock = threading.Lock()       # one generate() at a time
-        self._runs: dict[str, _Run] = {}
-        self._runs_lock = threading.Lock()
+        self._runs: SessionRegistry[_Run] = SessionRegistry()
 
     def stream_chat(self, messages: Sequence[Message], sampling: SamplingParams | None = None,
                     session_id: str = "default") -> Iterator[Delta]:
         sampling = (sampling or SamplingParams()).validate()
         msgs, ids = self.prompt.fit(check_messages(messages), self.settings.session_len,
                                     sampling.max_new_tokens)
-        run = _Run(self.tokenizer, sampling.stop, self.eos_ids, len(ids))
-        with self._runs_lock:
-            if session_id in self._runs:
-                raise InvalidRequest(f"session {session_id!r} already has a running generation",
-                                     param="session_id")
-            self._runs[session_id] = run
+        run = self._runs.add(session_id, _Run(self.tokenizer, sampling.stop, self.eos_ids, len(ids)))
         return self._consume(run, ids, sampling, session_id)
 
     def _consume(self, run: _Run, ids: list[int], sampling: SamplingParams,
@@ -154,9 +149,7 @@ class TransformersEngine(Engine):
             run.cancelled.set()  # a consumer that stops reading stops the generation
             if run.started.is_set():
                 worker.join()  # stops within one decoding step once cancelled
-            with self._runs_lock:
-                if self._runs.get(session_id) is run:
-                    del self._runs[session_id]
+            self._runs.remove(session_id, run)
 
     def _generate(self, run: _Run, ids: list[int], sampling: SamplingParams) -> None:
         torch = self._torch
@@ -199,8 +192,7 @@ class TransformersEngine(Engine):
             run.queue.put(_DONE)
 
     def cancel(self, session_id: str) -> bool:
-        with self._runs_lock:
-            run = self._runs.get(session_id)
+        run = self._runs.get(session_id)
         if run is None:
             return False
         run.cancelled.set()
@@ -208,9 +200,8 @@ class TransformersEngine(Engine):
         return True
 
     def close(self) -> None:
-        with self._runs_lock:
-            for run in self._runs.values():
-                run.cancelled.set()
+        for _, run in self._runs.items():
+            run.cancelled.set()
         self.model = None
         if self._torch.cuda.is_available():
             self._torch.cuda.empty_cache()

@@ -30,4 +30,4 @@ def test_build_is_deterministic(tiny_model, tmp_path):
     other = load_script("build_tiny_model").build(tmp_path / "again")
     a = AutoModelForCausalLM.from_pretrained(tiny_model)
     b = AutoModelForCausalLM.from_pretrained(other)
-    assert all((x == y).all() for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert all((x == y).all() for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
