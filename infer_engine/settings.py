@@ -122,6 +122,7 @@ def _is_num(v: Any) -> bool:
 
 
 # --- CLI / environment -----------------------------------------------------------------
+# Generic over dataclasses so that other settings (the app's) get flags and env vars the same way.
 
 def _leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, dataclasses.Field, type]]:
     """Flatten nested dataclass fields into (dotted name, field, type)."""
@@ -140,8 +141,8 @@ def _flag(name: str) -> str:
     return "--" + name.replace(".", "-").replace("_", "-")
 
 
-def _env(name: str) -> str:
-    return ENV_PREFIX + name.replace(".", "_").upper()
+def _env(name: str, env_prefix: str) -> str:
+    return env_prefix + name.replace(".", "_").upper()
 
 
 def _convert(raw: str, tp: type, name: str) -> Any:
@@ -158,41 +159,48 @@ def _convert(raw: str, tp: type, name: str) -> Any:
         raise InvalidRequest(f"{name}: cannot read {raw!r} as {tp.__name__}", param=name) from None
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per engine setting; defaults are shown but applied in `settings_from_args`."""
-    group = parser.add_argument_group("engine")
-    for name, f, tp in _leaf_fields(EngineSettings):
-        meta = dict(f.metadata)
-        help_text = f"{meta.pop('help', '')} (env {_env(name)}; default: {_default(f)!r})"
-        if tp is bool:
-            group.add_argument(_flag(name), dest=name, default=None, metavar="BOOL",
-                               help=help_text, **meta)
-        else:
-            group.add_argument(_flag(name), dest=name, default=None, type=str, help=help_text, **meta)
-
-
 def _default(f: dataclasses.Field) -> Any:
     return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
-def settings_from_args(args: argparse.Namespace | None = None,
-                       env: Mapping[str, str] | None = None) -> EngineSettings:
-    """Build EngineSettings from parsed flags, then env vars, then defaults."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, env_prefix: str,
+                            title: str) -> None:
+    """One flag per (nested) field; defaults are shown here but applied in `dataclass_from_args`."""
+    group = parser.add_argument_group(title)
+    for name, f, tp in _leaf_fields(cls):
+        meta = dict(f.metadata)
+        help_text = f"{meta.pop('help', '')} (env {_env(name, env_prefix)}; default: {_default(f)!r})"
+        group.add_argument(_flag(name), dest=name, default=None, type=str, help=help_text,
+                           metavar="BOOL" if tp is bool else None, **meta)
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace | None, env: Mapping[str, str] | None,
+                        env_prefix: str) -> Any:
+    """Build `cls` from parsed flags, then env vars, then the dataclass defaults."""
     env = os.environ if env is None else env
-    settings = EngineSettings()
-    for name, _f, tp in _leaf_fields(EngineSettings):
+    obj = cls()
+    for name, _f, tp in _leaf_fields(cls):
         raw = getattr(args, name, None) if args is not None else None
         if raw is None:
-            raw = env.get(_env(name))
+            raw = env.get(_env(name, env_prefix))
         if raw is None:
             continue
-        value = _convert(raw, tp, name)
-        target = settings
+        target = obj
         *parents, leaf = name.split(".")
         for p in parents:
             target = getattr(target, p)
-        setattr(target, leaf, value)
-    return settings.validate()
+        setattr(target, leaf, _convert(raw, tp, name))
+    return obj
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_arguments(parser, EngineSettings, ENV_PREFIX, "engine")
+
+
+def settings_from_args(args: argparse.Namespace | None = None,
+                       env: Mapping[str, str] | None = None) -> EngineSettings:
+    """EngineSettings from parsed flags, then ENGINE_* env vars, then defaults; validated."""
+    return dataclass_from_args(EngineSettings, args, env, ENV_PREFIX).validate()
 
 
 def parse_engine_settings(argv: Sequence[str] | None = None) -> EngineSettings:
