@@ -1,0 +1,97 @@
+"""App settings (flags / APP_* env vars / an optional env file), next to the engine's ENGINE_*."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from infer_engine.errors import InvalidRequest
+from infer_engine.settings import (EngineSettings, add_dataclass_arguments, add_engine_arguments,
+                                   dataclass_from_args, settings_from_args)
+from infer_engine.sources import DEFAULT_CACHE, SOURCES
+
+ENV_PREFIX = "APP_"
+
+
+def _help(text: str, **kw: object) -> dict:
+    return {"help": text, **kw}
+
+
+@dataclass
+class AppSettings:
+    host: str = field(default="0.0.0.0", metadata=_help("interface to listen on (127.0.0.1: this machine only)"))
+    port: int = field(default=7860, metadata=_help("port (OpenXLab and Docker expect 7860)"))
+    title: str = field(default="InternLM Chat", metadata=_help("page title"))
+    system_prompt: str = field(default="", metadata=_help("initial system prompt (editable in the page)"))
+    examples: str = field(default="你好，请介绍一下你自己|What can you do?|用三句话解释什么是微调",
+                          metadata=_help("example questions, separated by |"))
+    model_source: str = field(default="huggingface", metadata=_help(
+        "where a model id (not a folder) is downloaded from", choices=SOURCES[1:]))
+    cache_dir: str = field(default=DEFAULT_CACHE, metadata=_help("download cache"))
+    model_label: str = field(default="", metadata=_help("name shown for the model (default: folder name)"))
+    compare_model_path: str = field(default="", metadata=_help(
+        "second model for the side-by-side Compare tab, e.g. the base model before fine-tuning"))
+    compare_label: str = field(default="", metadata=_help("name shown for the compare model"))
+    concurrency: int = field(default=8, metadata=_help("generations running at once"))
+    queue_size: int = field(default=64, metadata=_help("requests waiting at most; more are refused"))
+    max_input_chars: int = field(default=4000, metadata=_help("longest message accepted"))
+    max_new_tokens: int = field(default=512, metadata=_help("default reply length (slider)"))
+    auth: str = field(default="", metadata=_help("require login: user:pass[,user2:pass2]"))
+
+    def validate(self) -> "AppSettings":
+        for name in ("port", "concurrency", "queue_size", "max_input_chars", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidRequest(f"{name} must be >= 1, got {getattr(self, name)}", param=name)
+        self.auth_pairs()
+        return self
+
+    def example_list(self) -> list[str]:
+        return [e.strip() for e in self.examples.split("|") if e.strip()]
+
+    def auth_pairs(self) -> list[tuple[str, str]] | None:
+        if not self.auth:
+            return None
+        pairs = []
+        for item in self.auth.split(","):
+            user, sep, password = item.partition(":")
+            if not sep or not user or not password:
+                raise InvalidRequest("auth must look like user:pass[,user2:pass2]", param="auth")
+            pairs.append((user, password))
+        return pairs
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """KEY=VALUE lines (# comments, optional quotes): settings for OpenXLab/Docker in one file."""
+    out = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise InvalidRequest(f"{path}:{n}: expected KEY=VALUE, got {line!r}", param="env_file")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
+
+
+def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+                   ) -> tuple[AppSettings, EngineSettings]:
+    parser = argparse.ArgumentParser(
+        description="Chat app over any inference engine. Every setting is also an env var "
+                    "(APP_* for the app, ENGINE_* for the engine) or a line in --env-file.")
+    parser.add_argument("--env-file", default=None,
+                        help="KEY=VALUE file of settings (default: app.env when it exists)")
+    add_dataclass_arguments(parser, AppSettings, ENV_PREFIX, "app")
+    add_engine_arguments(parser)
+    args = parser.parse_args(argv)
+    merged = dict(os.environ if env is None else env)
+    env_file = args.env_file or ("app.env" if Path("app.env").exists() else None)
+    if env_file:
+        merged = {**read_env_file(env_file), **merged}  # real env vars win over the file
+    app = dataclass_from_args(AppSettings, args, merged, ENV_PREFIX).validate()
+    return app, settings_from_args(args, merged)
