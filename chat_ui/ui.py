@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Any, Iterator
 
 import gradio as gr
@@ -18,6 +19,7 @@ from .history import (error_message, stats_line, to_engine_messages, without_las
                       without_last_reply)
 from .settings import AppSettings
 
+UPDATE_INTERVAL_S = 0.05
 CSS = "#stats, #stats_a, #stats_b {font-size: 0.85em; opacity: 0.75; min-height: 1.5em}"
 
 
@@ -57,11 +59,16 @@ class ChatUI:
         """Append a reply to `history` (ending in a user message) as it streams."""
         msgs = to_engine_messages(history, system)
         history = history + [{"role": "assistant", "content": ""}]
-        text, usage = "", None
+        text, usage, shown = "", None, 0.0
         try:
             for delta in engine.stream_chat(msgs, sampling, sid):
                 text += delta.text
                 usage = delta.usage or usage
+                now = time.monotonic()
+                # Coalesce updates: re-rendering the page per token costs more than decoding it.
+                if usage is None and now - shown < UPDATE_INTERVAL_S:
+                    continue
+                shown = now
                 history[-1] = {"role": "assistant", "content": text}
                 yield history, stats_line(usage) if usage else "…"
         except EngineError as exc:
@@ -168,7 +175,7 @@ class ChatUI:
         gen = dict(concurrency_limit=s.concurrency, concurrency_id="generate")
         with gr.Blocks(title=s.title) as demo:
             gr.Markdown(f"## {s.title}")
-            with gr.Accordion("Settings", open=False):
+            with gr.Accordion("Generation settings", open=False):
                 system = gr.Textbox(s.system_prompt, label="System prompt", lines=2,
                                     max_length=s.max_input_chars)
                 with gr.Row():
@@ -192,9 +199,9 @@ class ChatUI:
                         send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
                         stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
                     with gr.Row():
-                        retry_btn = gr.Button("🔄 Retry", size="sm")
-                        undo_btn = gr.Button("↩️ Undo", size="sm")
-                        clear_btn = gr.Button("🗑️ Clear", size="sm")
+                        retry_btn = gr.Button("Retry", size="sm")
+                        undo_btn = gr.Button("Undo", size="sm")
+                        clear_btn = gr.Button("Clear", size="sm")
                     if s.example_list():
                         gr.Examples(s.example_list(), inputs=box, label="Examples")
                     outs = [chatbot, history, box, stats]
@@ -223,7 +230,7 @@ class ChatUI:
                                               show_label=False, scale=8, max_length=s.max_input_chars)
                             cmp_btn = gr.Button("Ask both", variant="primary", scale=1)
                             cstop = gr.Button("Stop", variant="stop", scale=1)
-                            cclear = gr.Button("🗑️ Clear", scale=1)
+                            cclear = gr.Button("Clear", scale=1)
                         if s.example_list():
                             gr.Examples(s.example_list(), inputs=cbox, label="Examples")
                         couts = [chat_a, chat_b, hist_a, hist_b, cbox, stats_a, stats_b]
@@ -247,5 +254,5 @@ def launch(demo: gr.Blocks, settings: AppSettings, prevent_thread_lock: bool = F
         server_name=host or settings.host, server_port=port or settings.port,
         auth=settings.auth_pairs(), max_threads=max(40, 2 * settings.concurrency + 8),
         max_file_size="1mb",           # the app takes no uploads; refuse large bodies
-        allowed_paths=[], show_error=True, ssr_mode=False, quiet=True,
+        allowed_paths=[], show_error=True, ssr_mode=False, quiet=True, run_history=False,
         prevent_thread_lock=prevent_thread_lock, css=CSS)
