@@ -254,5 +254,5 @@ def launch(demo: gr.Blocks, settings: AppSettings, prevent_thread_lock: bool = F
         server_name=host or settings.host, server_port=port or settings.port,
         auth=settings.auth_pairs(), max_threads=max(40, 2 * settings.concurrency + 8),
         max_file_size="1mb",           # the app takes no uploads; refuse large bodies
-        allowed_paths=[], show_error=True, ssr_mode=False, quiet=True, run_history=False,
+        allowed_paths=[], show_error=True, ssr_mode=False, run_history=False,
         prevent_thread_lock=prevent_thread_lock, css=CSS)
