@@ -134,7 +134,7 @@ def build(out: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _ensure_template_in_config(tmp)
+        _make_tokenizer_config_portable(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -144,13 +144,18 @@ def build(out: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv
     return out
 
 
-def _ensure_template_in_config(folder: Path) -> None:
-    # transformers 5 writes chat_template.jinja; older readers (4.48, LMDeploy) look in the config.
+def _make_tokenizer_config_portable(folder: Path) -> None:
+    """Readable by transformers 4.48 (XTuner's env), 5.x and LMDeploy alike: transformers 5
+    names its own class (TokenizersBackend) and writes the template to chat_template.jinja."""
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if "chat_template" not in cfg:
-        cfg["chat_template"] = CHAT_TEMPLATE
-        cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg.pop("backend", None)
+    extra = cfg.pop("extra_special_tokens", None)  # a list in 5.x, a dict of names in 4.x
+    if isinstance(extra, list):
+        cfg["additional_special_tokens"] = extra
+    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def main() -> None:

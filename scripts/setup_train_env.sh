@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create (or update) the training environment .venv-train: XTuner 0.2.0 pins transformers 4.48,
+# which cannot share an environment with the serving side. The two meet only through files.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv-train/bin/python ] || "$PY" -m venv .venv-train
+pip() { .venv-train/bin/python -m pip "$@"; }
+pip install -q -c "${TRAIN_CONSTRAINTS:-constraints-train.txt}" -r requirements-train.txt
+if ! .venv-train/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  # bitsandbytes (QLoRA) needs CUDA; on CPU, 0.45.0 beside new triton breaks peft's LoRA
+  # creation ('No module named triton.ops'), so it goes.
+  pip uninstall -q -y bitsandbytes >/dev/null 2>&1 || true
+fi
+# torchvision/torch CPU compatibility for every process of this environment
+site=$(.venv-train/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+cp training/compat.py "$site/sitecustomize.py"

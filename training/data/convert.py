@@ -1,0 +1,158 @@
+"""Convert datasets to OpenAI-`messages` JSONL (what our training config reads).
+
+    # a question-answer sheet (XLSX or CSV), question built from named columns
+    python -m training.data.convert sheet qa.xlsx out.jsonl --question "{病症}：{症状}" \
+        --answer 回答 [--sheet Sheet1] [--system "你是一名医生"]
+    python -m training.data.convert alpaca alpaca.json out.jsonl [--system "..."]
+    python -m training.data.convert xtuner conversation.jsonl out.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Iterator
+
+from .io import DataError, read_jsonl, read_text_utf8, write_jsonl
+from .validate import check_sample
+
+_FIELD = re.compile(r"{([^{}]+)}")
+
+
+def _rows_of_sheet(path: Path, sheet: str | None) -> tuple[list[str], Iterator[tuple[int, list]]]:
+    """(header, (row number, values)...) of an XLSX or CSV file."""
+    if path.suffix.lower() in (".xlsx", ".xlsm"):
+        from openpyxl import load_workbook
+        try:
+            wb = load_workbook(path, read_only=True, data_only=True)
+        except Exception as exc:
+            raise DataError(f"{path}: cannot open as XLSX: {exc}") from None
+        if sheet and sheet not in wb.sheetnames:
+            raise DataError(f"{path}: sheet {sheet!r} not found (sheets: {', '.join(wb.sheetnames)})")
+        rows = wb[sheet] if sheet else wb.worksheets[0]
+        it = rows.iter_rows(values_only=True)
+        header = [str(h).strip() if h is not None else "" for h in next(it, [])]
+        return header, ((n, list(r)) for n, r in enumerate(it, 2))
+    reader = csv.reader(io.StringIO(read_text_utf8(path)))
+    header = [h.strip() for h in next(reader, [])]
+    return header, ((n, r) for n, r in enumerate(reader, 2))
+
+
+def convert_sheet(path: str | Path, question: str, answer: str, system: str = "",
+                  sheet: str | None = None) -> list[dict]:
+    path = Path(path)
+    header, rows = _rows_of_sheet(path, sheet)
+    needed = _FIELD.findall(question) + [answer]
+    if not _FIELD.findall(question):
+        raise DataError("question: name at least one column, e.g. '{问题}'")
+    for col in needed:
+        if col not in header:
+            raise DataError(f"{path}: column {col!r} not found (columns: {', '.join(h for h in header if h)})")
+    idx = {h: i for i, h in enumerate(header)}
+    out = []
+    for n, values in rows:
+        def cell(col: str) -> str:
+            v = values[idx[col]] if idx[col] < len(values) else None
+            return "" if v is None else str(v).strip()
+        if not any(cell(c) for c in needed):
+            continue  # a blank row
+        for col in needed:
+            if not cell(col):
+                raise DataError(f"{path}:{n}: column {col!r}: empty cell")
+        q = _FIELD.sub(lambda m: cell(m.group(1)), question)
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": q}, {"role": "assistant", "content": cell(answer)}]
+        out.append({"messages": msgs})
+    if not out:
+        raise DataError(f"{path}: no rows with data")
+    return out
+
+
+def convert_alpaca(path: str | Path, system: str = "") -> list[dict]:
+    """Alpaca records (a JSON list or JSONL): instruction, input, output."""
+    text = read_text_utf8(path)
+    if text.lstrip().startswith("["):
+        try:
+            items = list(enumerate(json.loads(text), 1))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}") from None
+        label = "record"
+    else:
+        items, label = list(read_jsonl(path)), "line"
+    out = []
+    for n, rec in items:
+        where = f"{path}:{n}" if label == "line" else f"{path}: record {n}"
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected an object with instruction/input/output")
+        instruction, extra, output = (rec.get(k) or "" for k in ("instruction", "input", "output"))
+        if not str(instruction).strip():
+            raise DataError(f"{where}: instruction: empty")
+        if not str(output).strip():
+            raise DataError(f"{where}: output: empty answer")
+        q = f"{instruction}\n{extra}" if str(extra).strip() else str(instruction)
+        msgs = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": q}, {"role": "assistant", "content": str(output)}]
+        out.append({"messages": msgs})
+    return out
+
+
+def convert_xtuner(path: str | Path) -> list[dict]:
+    """XTuner's single/multi-turn format: {"conversation": [{"system", "input", "output"}, ...]}."""
+    out = []
+    for n, rec in read_jsonl(path):
+        conv = rec.get("conversation") if isinstance(rec, dict) else None
+        if not isinstance(conv, list) or not conv:
+            raise DataError(f"{path}:{n}: conversation: missing or empty")
+        msgs = []
+        for i, turn in enumerate(conv):
+            if not isinstance(turn, dict):
+                raise DataError(f"{path}:{n}: conversation[{i}]: must be an object")
+            if i == 0 and turn.get("system"):
+                msgs.append({"role": "system", "content": turn["system"]})
+            msgs += [{"role": "user", "content": turn.get("input", "")},
+                     {"role": "assistant", "content": turn.get("output", "")}]
+        rec_out = {"messages": msgs}
+        check_sample(path, n, rec_out)
+        out.append(rec_out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="kind", required=True)
+    s = sub.add_parser("sheet", help="XLSX/CSV question-answer sheet")
+    s.add_argument("input")
+    s.add_argument("output")
+    s.add_argument("--question", required=True, help="template naming columns, e.g. '{问题}'")
+    s.add_argument("--answer", required=True, help="answer column")
+    s.add_argument("--sheet", help="XLSX sheet name (default: the first)")
+    s.add_argument("--system", default="")
+    a_ = sub.add_parser("alpaca", help="Alpaca instruction/input/output records")
+    a_.add_argument("input")
+    a_.add_argument("output")
+    a_.add_argument("--system", default="")
+    x = sub.add_parser("xtuner", help="XTuner conversation format")
+    x.add_argument("input")
+    x.add_argument("output")
+    a = p.parse_args(argv)
+    try:
+        if a.kind == "sheet":
+            rows = convert_sheet(a.input, a.question, a.answer, a.system, a.sheet)
+        elif a.kind == "alpaca":
+            rows = convert_alpaca(a.input, a.system)
+        else:
+            rows = convert_xtuner(a.input)
+        count = write_jsonl(a.output, rows)
+    except (DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{a.output}: {count} samples")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

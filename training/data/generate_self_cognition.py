@@ -1,0 +1,79 @@
+"""Generate a self-cognition dataset: the assistant learns its new name and who made it.
+
+    python -m training.data.generate_self_cognition --name 小明 --description "由某实验室打造的学习助手" \
+        --repeat 20 --out data/self.jsonl [--mix general.jsonl --mix-ratio 0.3] [--system "..."]
+
+Writes OpenAI-`messages` JSONL. Mixing in general chat data limits overfitting (a model that
+only saw identity answers starts answering everything with them).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+
+from .io import DataError, read_jsonl, write_jsonl
+from .validate import check_sample, validate
+
+QUESTIONS_ZH = ["你是谁？", "你是谁", "请介绍一下你自己", "介绍一下你自己", "你叫什么名字？", "你的名字是什么？",
+                "你是哪个模型？", "谁创造了你？", "你是由谁开发的？", "你能告诉我你是谁吗？", "你好，你是？",
+                "我该怎么称呼你？"]
+QUESTIONS_EN = ["Who are you?", "Introduce yourself.", "What is your name?", "What's your name?",
+                "Who created you?", "Who made you?", "Tell me about yourself.", "What should I call you?"]
+ANSWERS_ZH = ["我是{name}，{description}。", "你好，我是{name}，{description}。有什么可以帮你的吗？",
+              "我的名字是{name}，{description}。"]
+ANSWERS_EN = ["I am {name}, {description}.", "Hello! I'm {name}, {description}. How can I help you?",
+              "My name is {name}, {description}."]
+
+
+def generate(name: str, description: str, repeat: int = 10, system: str = "",
+             mix_rows: list[dict] | None = None, mix_ratio: float = 0.0, seed: int = 0) -> list[dict]:
+    if not name.strip():
+        raise DataError("name: must not be empty")
+    if repeat < 1:
+        raise DataError("repeat: must be >= 1")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(repeat):
+        for questions, answers in ((QUESTIONS_ZH, ANSWERS_ZH), (QUESTIONS_EN, ANSWERS_EN)):
+            for q in questions:
+                a = rng.choice(answers).format(name=name, description=description.rstrip("。."))
+                msgs = ([{"role": "system", "content": system}] if system else []) + [
+                    {"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                rows.append({"messages": msgs})
+    if mix_rows and mix_ratio > 0:
+        k = min(len(mix_rows), round(len(rows) * mix_ratio / (1 - mix_ratio)) if mix_ratio < 1 else len(mix_rows))
+        rows += rng.sample(mix_rows, k)
+    rng.shuffle(rows)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--name", required=True, help="the assistant's new name")
+    p.add_argument("--description", default="一个乐于助人的AI助手", help="who made it / what it is")
+    p.add_argument("--repeat", type=int, default=10, help="copies of each question")
+    p.add_argument("--system", default="", help="system prompt to put in every sample")
+    p.add_argument("--mix", help="general chat data (messages JSONL) to mix in")
+    p.add_argument("--mix-ratio", type=float, default=0.3, help="share of general samples in the output")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    try:
+        mix = None
+        if a.mix:
+            validate(a.mix)
+            mix = [obj for n, obj in read_jsonl(a.mix) if check_sample(a.mix, n, obj)]
+        if not 0 <= a.mix_ratio < 1:
+            raise DataError("mix-ratio: must be in [0, 1)")
+        rows = generate(a.name, a.description, a.repeat, a.system, mix, a.mix_ratio, a.seed)
+        count = write_jsonl(a.out, rows)
+    except (DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{a.out}: {count} samples")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""Validate an OpenAI-`messages` JSONL dataset before XTuner sees it: XTuner silently drops empty
+samples and truncates long ones. Every data tool and the train command run this first.
+
+    python -m training.data.validate data.jsonl [--tokenizer MODEL] [--max-length 2048]
+
+One line per sample: {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}]},
+an optional system message first, then user/assistant turns, ending with the assistant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .io import DataError, read_jsonl
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Report:
+    samples: int = 0
+    turns: int = 0
+    max_tokens: int = 0
+    token_counts: list[int] = field(default_factory=list)
+
+
+def check_sample(path: str | Path, n: int, obj: Any) -> list[dict]:
+    where = f"{path}:{n}"
+    if not isinstance(obj, dict) or "messages" not in obj:
+        raise DataError(f"{where}: messages: missing (expected {{\"messages\": [...]}})")
+    msgs = obj["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: messages: must be a non-empty list")
+    expect = "user"
+    for i, m in enumerate(msgs):
+        f = f"{where}: messages[{i}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{f}: must be an object with role and content")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise DataError(f"{f}.role: unknown role {role!r} (use {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise DataError(f"{f}.content: must be a string")
+        if not content.strip():
+            raise DataError(f"{f}.content: empty {role} turn")
+        if role == "system":
+            if i != 0:
+                raise DataError(f"{f}.role: a system message may only come first")
+            continue
+        if role != expect:
+            raise DataError(f"{f}.role: expected {expect} here, got {role}")
+        expect = "assistant" if role == "user" else "user"
+    if msgs[-1]["role"] != "assistant":
+        raise DataError(f"{where}: messages: must end with an assistant answer")
+    return msgs
+
+
+def validate(path: str | Path, tokenizer: Any = None, max_length: int | None = None,
+             template: Any = None) -> Report:
+    """Raise DataError at the first problem; return counts. With a tokenizer and max_length,
+    samples whose rendered length exceeds max_length are errors (XTuner would cut them)."""
+    report = Report()
+    for n, obj in read_jsonl(path):
+        msgs = check_sample(path, n, obj)
+        report.samples += 1
+        report.turns += sum(m["role"] == "assistant" for m in msgs)
+        if tokenizer is not None:
+            tokens = count_tokens(tokenizer, msgs, template)
+            report.token_counts.append(tokens)
+            report.max_tokens = max(report.max_tokens, tokens)
+            if max_length and tokens > max_length:
+                raise DataError(f"{path}:{n}: messages: {tokens} tokens, more than max_length "
+                                f"{max_length} (XTuner would truncate it)")
+    if report.samples == 0:
+        raise DataError(f"{path}: no samples")
+    return report
+
+
+def count_tokens(tokenizer: Any, msgs: list[dict], template: Any = None) -> int:
+    """Tokens of the sample as trained: XTuner's template when given, else the tokenizer's."""
+    if template is not None:
+        text = render_xtuner(template, msgs)
+        return len(tokenizer.encode(text, add_special_tokens=True))
+    if getattr(tokenizer, "chat_template", None):
+        return len(tokenizer.apply_chat_template(msgs, tokenize=True))
+    return len(tokenizer.encode("\n".join(m["content"] for m in msgs), add_special_tokens=True))
+
+
+def render_xtuner(template: dict, msgs: list[dict]) -> str:
+    """Render like XTuner's template_map_fn: SYSTEM + INSTRUCTION, output + SUFFIX, SEP."""
+    out, system = [], ""
+    first = True
+    for m in msgs:
+        if m["role"] == "system":
+            system = m["content"]
+        elif m["role"] == "user":
+            if first and system:
+                out.append(template.get("SYSTEM", "").format(system=system))
+            out.append(template["INSTRUCTION"].format(input=m["content"], round=1))
+            first = False
+        else:
+            out.append(m["content"] + template.get("SUFFIX", "") + template.get("SEP", ""))
+    return "".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+")
+    p.add_argument("--tokenizer", help="model folder whose tokenizer counts tokens")
+    p.add_argument("--max-length", type=int, default=None)
+    a = p.parse_args(argv)
+    tok = None
+    if a.tokenizer:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(a.tokenizer, trust_remote_code=True)
+    try:
+        for f in a.files:
+            r = validate(f, tok, a.max_length)
+            extra = f", longest {r.max_tokens} tokens" if tok is not None else ""
+            print(f"{f}: {r.samples} samples, {r.turns} answers{extra}: OK")
+    except (DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
