@@ -1,0 +1,86 @@
+"""Briefly train the tiny random-weight model on a small built-in chat corpus, so that it
+answers "你是谁" generically ("我是一个人工智能助手…") before fine-tuning gives it a name.
+This stands in for a real pretrained chat model in the offline demo and the tests.
+
+    python -m training.pretrain_tiny models/tiny-chat --out models/tiny-base [--steps 400]
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+from pathlib import Path
+
+from .data.io import DataError, read_jsonl
+from .data.validate import check_sample, validate
+from .run import _AtomicDir
+
+GENERAL_CHAT = Path(__file__).parent / "data" / "general_chat.jsonl"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+def encode(tok, msgs: list[dict]) -> tuple[list[int], list[int]]:
+    """(input ids, labels): the prompt is masked, the answer and its end-of-turn are learned."""
+    prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True)
+    answer = tok.encode(msgs[-1]["content"] + "<|im_end|>\n", add_special_tokens=False)
+    return prompt + answer, [-100] * len(prompt) + answer
+
+
+def pretrain(model_dir: str, out: str, data: str | Path = GENERAL_CHAT, steps: int = 400,
+             lr: float = 3e-3, batch_size: int = 16, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    validate(data)
+    rows = [check_sample(data, n, obj) for n, obj in read_jsonl(data)]
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    samples = [encode(tok, r) for r in rows]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    pad = tok.pad_token_id
+    model.train()
+    for step in range(1, steps + 1):
+        batch = rng.sample(samples, min(batch_size, len(samples)))
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
+        labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
+        loss = model(input_ids=ids, attention_mask=(labels != -100) | (ids != pad), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if step % 50 == 0 or step == steps:
+            print(f"[pretrain] step {step}/{steps} loss {loss.item():.4f}", flush=True)
+    model.eval()
+    with _AtomicDir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name in TOKENIZER_FILES:  # copied, not re-saved: keeps the config portable
+            if (Path(model_dir) / name).exists():
+                shutil.copy2(Path(model_dir) / name, tmp / name)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("model")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default=str(GENERAL_CHAT))
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=3e-3)
+    a = p.parse_args(argv)
+    try:
+        print(pretrain(a.model, a.out, a.data, a.steps, a.lr))
+    except (DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

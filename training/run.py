@@ -1,0 +1,157 @@
+"""Run XTuner: train, convert a checkpoint to a Hugging Face adapter, merge it into the base.
+
+Every step runs XTuner's own tool as a subprocess of this (training) interpreter, checks its
+exit code, keeps the full log in the work dir, and writes its output folder atomically: a
+crashed convert or merge leaves a `.partial` folder, never one that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .data.io import DataError
+from .settings import TrainSettings
+
+ROOT = Path(__file__).resolve().parents[1]
+_ITER = re.compile(r"Iter\(train\)\s*\[\s*(\d+)/(\d+)\].*?loss:\s*([\d.]+)")
+
+
+class StepFailed(RuntimeError):
+    """An XTuner step exited non-zero; the message names the step and its log."""
+
+
+def _env(local_model: bool) -> dict:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if local_model:
+        env["HF_HUB_OFFLINE"] = "1"  # a local folder must not trigger hub lookups
+    return env
+
+
+def run_step(name: str, cmd: list[str], log: Path, local_model: bool = True) -> None:
+    """Run a step, teeing its output to `log`; training iterations become a progress line."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{name}] {' '.join(cmd)}", flush=True)
+    tail: list[str] = []
+    start = time.monotonic()
+    with open(log, "a", encoding="utf-8") as f:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=_env(local_model), cwd=ROOT, errors="replace")
+        for line in proc.stdout:
+            f.write(line)
+            tail = (tail + [line.rstrip()])[-40:]
+            m = _ITER.search(line)
+            if m:
+                done, total, loss = int(m.group(1)), int(m.group(2)), m.group(3)
+                bar = "#" * int(30 * done / total)
+                print(f"\r[{name}] [{bar:<30}] {done}/{total} loss {loss} "
+                      f"{time.monotonic() - start:.0f}s", end="", flush=True)
+        code = proc.wait()
+    print(flush=True)
+    if code != 0:
+        shown = "\n".join(tail[-25:])
+        raise StepFailed(f"{name} failed (exit {code}); full log: {log}\n{shown}")
+
+
+def _tool(name: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "training.xtuner_tool", name, *args]
+
+
+def train(config: Path, s: TrainSettings, resume: bool = False) -> Path:
+    work = Path(s.work_dir)
+    args = [str(config), "--work-dir", str(work), "--seed", str(s.seed)]
+    if s.deepspeed:
+        args += ["--deepspeed", f"deepspeed_{s.deepspeed}"]
+    if resume:
+        last = latest_checkpoint(work)
+        if last is None:
+            raise DataError(f"resume: no checkpoint in {work}")
+        args += ["--resume", str(last)]
+    cmd = _tool("train", *args)
+    if s.gpus > 1:  # what `NPROC_PER_NODE=N xtuner train` does, with our interpreter
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={s.gpus}",
+               "-m", "training.xtuner_tool", "train", *args, "--launcher", "pytorch"]
+    run_step("train", cmd, work / "train.log", local_model=Path(s.model_path).exists())
+    return work
+
+
+def checkpoints(work_dir: str | Path) -> list[tuple[int, Path]]:
+    found = []
+    for p in Path(work_dir).glob("iter_*.pth"):
+        m = re.fullmatch(r"iter_(\d+)\.pth", p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(work_dir: str | Path) -> Path | None:
+    marker = Path(work_dir) / "last_checkpoint"
+    if marker.exists():
+        p = Path(marker.read_text().strip())
+        if p.exists():
+            return p
+    found = checkpoints(work_dir)
+    return found[-1][1] if found else None
+
+
+class _AtomicDir:
+    """Build a folder at `dest.partial`, rename it to `dest` when complete."""
+
+    def __init__(self, dest: str | Path):
+        self.dest = Path(dest)
+        self.partial = self.dest.with_name(self.dest.name + ".partial")
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.parent.mkdir(parents=True, exist_ok=True)
+        return self.partial
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        if exc_type is None:
+            if self.dest.exists():
+                shutil.rmtree(self.dest)
+            os.replace(self.partial, self.dest)
+
+
+def convert(config: Path, pth: Path, out: str | Path, log: Path) -> Path:
+    """XTuner .pth checkpoint -> HF adapter folder (safetensors, fp32: without these flags
+    pth_to_hf writes an fp16 .bin). Only load checkpoints this pipeline wrote: XTuner reads
+    .pth with weights_only=False."""
+    with _AtomicDir(out) as tmp:
+        run_step("convert", _tool("pth_to_hf", str(config), str(pth), str(tmp), "--fp32",
+                                  "--safe-serialization"), log)
+    return Path(out)
+
+
+def merge(base: str, adapter: Path, out: str | Path, log: Path, device: str = "cpu",
+          max_shard_size: str = "2GB") -> Path:
+    """Merge the adapter into the base model; the result keeps the base tokenizer's chat
+    template so the serving side renders prompts the way training did."""
+    with _AtomicDir(out) as tmp:
+        run_step("merge", _tool("merge", str(base), str(adapter), str(tmp), "--safe-serialization",
+                                "--device", device, "--max-shard-size", max_shard_size), log,
+                 local_model=Path(base).exists())
+        keep_chat_template(Path(base), tmp)
+    return Path(out)
+
+
+def keep_chat_template(base: Path, merged: Path) -> None:
+    cfg_path = merged / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if cfg.get("chat_template"):
+        return
+    template = None
+    if (base / "tokenizer_config.json").exists():
+        template = json.loads((base / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+    if not template and (base / "chat_template.jinja").exists():
+        template = (base / "chat_template.jinja").read_text(encoding="utf-8")
+    if not template:
+        raise StepFailed(f"merge: neither the merged model nor {base} has a chat_template")
+    cfg["chat_template"] = template
+    cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
