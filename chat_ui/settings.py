@@ -38,12 +38,15 @@ class AppSettings:
     queue_size: int = field(default=64, metadata=_help("requests waiting at most; more are refused"))
     max_input_chars: int = field(default=4000, metadata=_help("longest message accepted"))
     max_new_tokens: int = field(default=512, metadata=_help("default reply length (slider)"))
+    temperature: float = field(default=0.7, metadata=_help("default temperature (slider; 0 = greedy)"))
     auth: str = field(default="", metadata=_help("require login: user:pass[,user2:pass2]"))
 
     def validate(self) -> "AppSettings":
         for name in ("port", "concurrency", "queue_size", "max_input_chars", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be >= 1, got {getattr(self, name)}", param=name)
+        if not 0 <= self.temperature <= 2:
+            raise InvalidRequest(f"temperature must be in [0, 2], got {self.temperature}", param="temperature")
         self.auth_pairs()
         return self
 

@@ -181,7 +181,7 @@ class ChatUI:
                 with gr.Row():
                     max_new = gr.Slider(1, max(4096, s.max_new_tokens), value=s.max_new_tokens, step=1,
                                         label="Max new tokens")
-                    temperature = gr.Slider(0, 2, value=SamplingParams.temperature, step=0.05,
+                    temperature = gr.Slider(0, 2, value=s.temperature, step=0.05,
                                             label="Temperature (0 = greedy)")
                     top_p = gr.Slider(0.05, 1, value=SamplingParams.top_p, step=0.05, label="Top-p")
                     top_k = gr.Slider(0, 100, value=SamplingParams.top_k, step=1, label="Top-k (0 = off)")

@@ -4,14 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+constraints=${TRAIN_CONSTRAINTS:-constraints-train.txt}
+want=$(cat requirements-train.txt "$constraints" training/compat.py | sha256sum | cut -c1-16)
 [ -x .venv-train/bin/python ] || "$PY" -m venv .venv-train
-pip() { .venv-train/bin/python -m pip "$@"; }
-pip install -q -c "${TRAIN_CONSTRAINTS:-constraints-train.txt}" -r requirements-train.txt
-if ! .venv-train/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  # bitsandbytes (QLoRA) needs CUDA; on CPU, 0.45.0 beside new triton breaks peft's LoRA
-  # creation ('No module named triton.ops'), so it goes.
-  pip uninstall -q -y bitsandbytes >/dev/null 2>&1 || true
+if [ "$(cat .venv-train/.installed 2>/dev/null)" != "$want" ]; then
+  .venv-train/bin/python -m pip install -q -c "$constraints" -r requirements-train.txt
+  if ! .venv-train/bin/python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    # bitsandbytes (QLoRA) needs CUDA; on CPU, 0.45.0 beside new triton breaks peft's LoRA
+    # creation ('No module named triton.ops'), so it goes.
+    .venv-train/bin/python -m pip uninstall -q -y bitsandbytes >/dev/null 2>&1 || true
+  fi
+  # torchvision/torch CPU compatibility for every process of this environment
+  site=$(.venv-train/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  cp training/compat.py "$site/sitecustomize.py"
+  echo "$want" > .venv-train/.installed
 fi
-# torchvision/torch CPU compatibility for every process of this environment
-site=$(.venv-train/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-cp training/compat.py "$site/sitecustomize.py"

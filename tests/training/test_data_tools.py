@@ -1,0 +1,180 @@
+"""Data tools and the validator on good and bad files (runs in the training environment).
+Each bad file gives one clear error line naming the place and leaves no output file."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from training.data.convert import convert_sheet
+from training.data.io import DataError
+from training.data.validate import validate
+
+GOOD = [{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                      {"role": "assistant", "content": "a"}]},
+        {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                      {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}]
+
+
+def jsonl(path: Path, rows, extra_lines=()) -> Path:
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows] + list(extra_lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def cli(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"training.data.{module}", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def assert_one_error_line(r: subprocess.CompletedProcess, *parts: str) -> None:
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for part in parts:
+        assert part in lines[0], lines[0]
+
+
+def test_good_file_validates(tmp_path):
+    r = validate(jsonl(tmp_path / "d.jsonl", GOOD))
+    assert (r.samples, r.turns) == (2, 3)
+
+
+@pytest.mark.parametrize("bad,where", [
+    ('{"messages": [', "d.jsonl:3: invalid JSON"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]}),
+     "d.jsonl:3: messages[1].role: unknown role 'bot'"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}]}),
+     "d.jsonl:3: messages[1].content: empty assistant turn"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}]}), "d.jsonl:3: messages: must end with an assistant"),
+    (json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "d.jsonl:3: messages[0].role: expected user"),
+    (json.dumps({"conversation": []}), "d.jsonl:3: messages: missing"),
+])
+def test_bad_samples_name_file_line_and_field(tmp_path, bad, where):
+    f = jsonl(tmp_path / "d.jsonl", GOOD, [bad])
+    with pytest.raises(DataError) as err:
+        validate(f)
+    assert str(err.value).startswith(str(tmp_path / where)) or where in str(err.value)
+    assert_one_error_line(cli("validate", f), where)
+
+
+def test_gbk_file_is_named_with_a_fix(tmp_path):
+    f = tmp_path / "gbk.jsonl"
+    f.write_bytes(json.dumps(GOOD[0], ensure_ascii=False).replace('"q"', '"你好"').encode("gbk") + b"\n")
+    f.write_bytes(b'{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
+                  + json.dumps({"messages": [{"role": "user", "content": "你好"},
+                                             {"role": "assistant", "content": "好"}]}, ensure_ascii=False).encode("gbk"))
+    assert_one_error_line(cli("validate", f), "gbk.jsonl:2: not UTF-8", "GBK", "iconv")
+
+
+def test_over_length_sample_reports_token_count(tmp_path, tiny_model):
+    long = {"messages": [{"role": "user", "content": "word " * 300}, {"role": "assistant", "content": "a"}]}
+    f = jsonl(tmp_path / "d.jsonl", [GOOD[0], long])
+    assert_one_error_line(cli("validate", f, "--tokenizer", tiny_model, "--max-length", 128),
+                          "d.jsonl:2: messages:", "tokens, more than max_length 128")
+
+
+def test_self_cognition_generator(tmp_path):
+    out = tmp_path / "self.jsonl"
+    r = cli("generate_self_cognition", "--name", "小明", "--description", "由测试实验室打造的助手",
+            "--repeat", 2, "--system", "你是小明", "--mix", ROOT / "training/data/general_chat.jsonl",
+            "--mix-ratio", 0.25, "--out", out)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    identity = [x for x in rows if "小明" in x["messages"][-1]["content"]]
+    assert len(identity) == 2 * 20 and len(rows) - len(identity) == round(40 * 0.25 / 0.75)
+    assert all(x["messages"][0] == {"role": "system", "content": "你是小明"} for x in identity)
+    assert any(x["messages"][1]["content"] == "Who are you?" for x in identity)
+    validate(out)
+
+
+def test_generator_refuses_bad_mix_file_and_writes_nothing(tmp_path):
+    bad = jsonl(tmp_path / "mix.jsonl", GOOD, ["not json"])
+    out = tmp_path / "self.jsonl"
+    assert_one_error_line(cli("generate_self_cognition", "--name", "x", "--mix", bad, "--out", out),
+                          "mix.jsonl:3: invalid JSON")
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+
+
+def make_xlsx(path: Path, header, rows) -> Path:
+    from openpyxl import Workbook
+    wb = Workbook()
+    ws = wb.active
+    ws.append(header)
+    for r in rows:
+        ws.append(r)
+    wb.save(path)
+    return path
+
+
+def test_xlsx_sheet_with_question_template(tmp_path):
+    x = make_xlsx(tmp_path / "qa.xlsx", ["病症", "症状", "回答"],
+                  [["感冒", "发烧", "多喝水，注意休息"], [None, None, None], ["咳嗽", "喉咙痛", "少说话"]])
+    out = tmp_path / "out.jsonl"
+    r = cli("convert", "sheet", x, out, "--question", "{病症}：{症状}", "--answer", "回答", "--system", "你是医生")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["messages"] == [{"role": "system", "content": "你是医生"},
+                                   {"role": "user", "content": "感冒：发烧"},
+                                   {"role": "assistant", "content": "多喝水，注意休息"}]
+    assert len(rows) == 2
+
+
+def test_wrong_xlsx_column_names_it_and_writes_nothing(tmp_path):
+    x = make_xlsx(tmp_path / "qa.xlsx", ["问题", "回答"], [["a", "b"]])
+    out = tmp_path / "out.jsonl"
+    assert_one_error_line(cli("convert", "sheet", x, out, "--question", "{问题}", "--answer", "答案"),
+                          "qa.xlsx: column '答案' not found (columns: 问题, 回答)")
+    assert not out.exists()
+
+
+def test_empty_answer_cell_names_the_row(tmp_path):
+    x = make_xlsx(tmp_path / "qa.xlsx", ["问题", "回答"], [["a", "b"], ["c", None]])
+    with pytest.raises(DataError, match=r"qa\.xlsx:3: column '回答': empty cell"):
+        convert_sheet(x, "{问题}", "回答")
+
+
+def test_csv_and_gbk_csv(tmp_path):
+    good = tmp_path / "qa.csv"
+    good.write_text("问题,回答\n你好,你好呀\n", encoding="utf-8")
+    assert convert_sheet(good, "{问题}", "回答")[0]["messages"][1]["content"] == "你好呀"
+    gbk = tmp_path / "gbk.csv"
+    gbk.write_bytes("问题,回答\n你好,你好呀\n".encode("gbk"))
+    out = tmp_path / "out.jsonl"
+    assert_one_error_line(cli("convert", "sheet", gbk, out, "--question", "{问题}", "--answer", "回答"),
+                          "gbk.csv:1: not UTF-8", "GBK")
+    assert not out.exists()
+
+
+def test_alpaca_and_xtuner_formats(tmp_path):
+    alpaca = tmp_path / "a.json"
+    alpaca.write_text(json.dumps([{"instruction": "翻译", "input": "hello", "output": "你好"},
+                                  {"instruction": "1+1", "input": "", "output": "2"}]), encoding="utf-8")
+    out = tmp_path / "a.jsonl"
+    assert cli("convert", "alpaca", alpaca, out).returncode == 0
+    rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert rows[0]["messages"][0] == {"role": "user", "content": "翻译\nhello"}
+    bad = tmp_path / "b.json"
+    bad.write_text(json.dumps([{"instruction": "x", "output": ""}]), encoding="utf-8")
+    assert_one_error_line(cli("convert", "alpaca", bad, tmp_path / "b.jsonl"), "b.json: record 1: output: empty answer")
+    xt = jsonl(tmp_path / "x.jsonl", [{"conversation": [{"system": "s", "input": "q", "output": "a"},
+                                                        {"input": "q2", "output": "a2"}]}])
+    out = tmp_path / "x_out.jsonl"
+    assert cli("convert", "xtuner", xt, out).returncode == 0
+    msgs = json.loads(out.read_text(encoding="utf-8"))["messages"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant"]
+
+
+def test_replace_changes_contents_only(tmp_path):
+    src = jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "机智流是谁"},
+                                                     {"role": "assistant", "content": "我是机智流助手"}]}])
+    r = cli("replace", src, src, "--old", "机智流", "--new", "小明", "--roles", "assistant")
+    assert r.returncode == 0 and "1 replacements" in r.stdout
+    msgs = json.loads(src.read_text(encoding="utf-8"))["messages"]
+    assert msgs[0]["content"] == "机智流是谁" and msgs[1]["content"] == "我是小明助手"
+    assert_one_error_line(cli("replace", src, tmp_path / "o.jsonl", "--old", "a", "--new", "b", "--roles", "bot"),
+                          "roles: unknown role 'bot'")
