@@ -13,7 +13,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from infer_engine import Engine, EngineError, InvalidRequest, SamplingParams, Usage
+from infer_engine import Engine, EngineError, InvalidRequest, SamplingParams
 
 from .history import (error_message, stats_line, to_engine_messages, without_last_exchange,
                       without_last_reply)

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from gradio_client import Client
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, AuthenticationError
 
 from chat_ui.history import ERROR_TITLE, text_of
 from chat_ui.settings import AppSettings
@@ -189,7 +188,7 @@ def test_queue_and_auth_settings(tiny_model):
     launch(demo, settings, prevent_thread_lock=True)
     try:
         assert demo._queue.max_size == 3 and demo.max_file_size == 1024 * 1024
-        with pytest.raises(Exception):
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
             Client(f"http://127.0.0.1:{settings.port}/", verbose=False)  # no credentials
         c = Client(f"http://127.0.0.1:{settings.port}/", auth=("ann", "secret"), verbose=False)
         history, _, _ = send(c, "hi")

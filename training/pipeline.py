@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from .config import write_config
-from .data.io import DataError
+from .data.io import run_cli
 from .data.validate import validate
 from .run import StepFailed, checkpoints, merge, train
 from .select import pick, score_checkpoints, table
@@ -51,12 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--out", help="merged model folder (default: WORK_DIR/merged)")
     a = p.parse_args(argv)
-    try:
+
+    def work() -> None:
         run(load_settings(a.config, a.set), a.out, a.resume)
-    except (DataError, StepFailed, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(work, errors=(StepFailed,))
 
 
 if __name__ == "__main__":

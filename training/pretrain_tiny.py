@@ -12,7 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .data.io import DataError, read_jsonl
+from .data.io import read_jsonl, run_cli
 from .data.validate import check_sample, validate
 from .run import _AtomicDir
 
@@ -74,12 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=3e-3)
     a = p.parse_args(argv)
-    try:
-        print(pretrain(a.model, a.out, a.data, a.steps, a.lr))
-    except (DataError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(lambda: pretrain(a.model, a.out, a.data, a.steps, a.lr))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from .io import DataError, read_jsonl, read_text_utf8, write_jsonl
+from .io import DataError, read_jsonl, read_text_utf8, run_cli, write_jsonl
 from .validate import check_sample
 
 _FIELD = re.compile(r"{([^{}]+)}")
@@ -55,7 +55,7 @@ def convert_sheet(path: str | Path, question: str, answer: str, system: str = ""
     idx = {h: i for i, h in enumerate(header)}
     out = []
     for n, values in rows:
-        def cell(col: str) -> str:
+        def cell(col: str, values: list = values) -> str:
             v = values[idx[col]] if idx[col] < len(values) else None
             return "" if v is None else str(v).strip()
         if not any(cell(c) for c in needed):
@@ -139,19 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     x.add_argument("input")
     x.add_argument("output")
     a = p.parse_args(argv)
-    try:
+
+    def work() -> str:
         if a.kind == "sheet":
             rows = convert_sheet(a.input, a.question, a.answer, a.system, a.sheet)
         elif a.kind == "alpaca":
             rows = convert_alpaca(a.input, a.system)
         else:
             rows = convert_xtuner(a.input)
-        count = write_jsonl(a.output, rows)
-    except (DataError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"{a.output}: {count} samples")
-    return 0
+        return f"{a.output}: {write_jsonl(a.output, rows)} samples"
+    return run_cli(work)
 
 
 if __name__ == "__main__":

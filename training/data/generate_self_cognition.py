@@ -12,7 +12,7 @@ import argparse
 import random
 import sys
 
-from .io import DataError, read_jsonl, write_jsonl
+from .io import DataError, read_jsonl, run_cli, write_jsonl
 from .validate import check_sample, validate
 
 QUESTIONS_ZH = ["你是谁？", "你是谁", "请介绍一下你自己", "介绍一下你自己", "你叫什么名字？", "你的名字是什么？",
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    try:
+
+    def work() -> str:
         mix = None
         if a.mix:
             validate(a.mix)
@@ -67,12 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 <= a.mix_ratio < 1:
             raise DataError("mix-ratio: must be in [0, 1)")
         rows = generate(a.name, a.description, a.repeat, a.system, mix, a.mix_ratio, a.seed)
-        count = write_jsonl(a.out, rows)
-    except (DataError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"{a.out}: {count} samples")
-    return 0
+        return f"{a.out}: {write_jsonl(a.out, rows)} samples"
+    return run_cli(work)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 
 class DataError(ValueError):
@@ -63,3 +64,15 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             count += 1
     return count
+
+
+def run_cli(fn: Callable[[], object], errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a tool's work: print what it returns, or one `error: ...` line and exit code 1."""
+    try:
+        result = fn()
+    except (DataError, OSError, *errors) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if result is not None:
+        print(result)
+    return 0

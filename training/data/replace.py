@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .io import DataError, read_jsonl, write_jsonl
+from .io import DataError, read_jsonl, run_cli, write_jsonl
 from .validate import ROLES, check_sample
 
 
@@ -36,15 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--roles", default=",".join(ROLES), help="comma list of roles to change")
     a = p.parse_args(argv)
     roles = tuple(r.strip() for r in a.roles.split(",") if r.strip())
-    try:
+
+    def work() -> str:
         if bad := [r for r in roles if r not in ROLES]:
             raise DataError(f"roles: unknown role {bad[0]!r} (use {', '.join(ROLES)})")
         count, hits = replace(a.input, a.output, a.old, a.new, roles)
-    except (DataError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(f"{a.output}: {count} samples, {hits} replacements")
-    return 0
+        return f"{a.output}: {count} samples, {hits} replacements"
+    return run_cli(work)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .io import DataError, read_jsonl
+from .io import DataError, read_jsonl, run_cli
 
 ROLES = ("system", "user", "assistant")
 
@@ -116,15 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.tokenizer:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(a.tokenizer, trust_remote_code=True)
-    try:
+
+    def work() -> None:
         for f in a.files:
             r = validate(f, tok, a.max_length)
             extra = f", longest {r.max_tokens} tokens" if tok is not None else ""
             print(f"{f}: {r.samples} samples, {r.turns} answers{extra}: OK")
-    except (DataError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_cli(work)
 
 
 if __name__ == "__main__":
