@@ -27,9 +27,9 @@ class ChatUI:
     def __init__(self, engine: Engine, settings: AppSettings, compare: Engine | None = None,
                  label: str | None = None, compare_label: str | None = None):
         self.engine, self.compare_engine, self.settings = engine, compare, settings
-        self.label = label or settings.model_label or engine.model_name
+        self.label = label or settings.model_label or _name_of(engine)
         self.compare_label = compare_label or settings.compare_label or (
-            compare.model_name if compare else "")
+            _name_of(compare) if compare else "")
 
     # -- helpers ------------------------------------------------------------------------
     @staticmethod
@@ -244,6 +244,13 @@ class ChatUI:
                                      cancels=[ev_c1, ev_c2])
             demo.unload(self.on_leave)
         return demo
+
+
+def _name_of(engine: Engine) -> str:
+    try:
+        return engine.model_name
+    except EngineError:  # a remote API that is down at start: the app still comes up
+        return "model"
 
 
 def launch(demo: gr.Blocks, settings: AppSettings, prevent_thread_lock: bool = False,

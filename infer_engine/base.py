@@ -101,11 +101,14 @@ class SessionRegistry(Generic[T]):
         self._items: dict[str, T] = {}
         self._lock = threading.Lock()
 
+    def ensure_free(self, session_id: str) -> None:
+        if session_id in self._items:
+            raise InvalidRequest(f"session {session_id!r} already has a running generation",
+                                 param="session_id")
+
     def add(self, session_id: str, item: T) -> T:
         with self._lock:
-            if session_id in self._items:
-                raise InvalidRequest(f"session {session_id!r} already has a running generation",
-                                     param="session_id")
+            self.ensure_free(session_id)
             self._items[session_id] = item
         return item
 

@@ -72,8 +72,8 @@ class LMDeployEngine(Engine):
         msgs, ids = self.prompt.fit(check_messages(messages), self.settings.session_len,
                                     sampling.max_new_tokens)
         gen_config = generation_config(sampling, self.prompt.stop_token_ids)
+        self._sessions.ensure_free(session_id)  # refuse before LMDeploy opens a session
         entry = self._sessions.add(session_id, (self.pipe.session(), threading.Event()))
-        session, cancelled = entry
         outputs = self.pipe.stream_infer(self.prompt.text(msgs), sessions=session,
                                          gen_config=gen_config, do_preprocess=False)
         return self._consume(outputs, entry, session_id, sampling, UsageMeter(len(ids)))
