@@ -74,7 +74,7 @@ class LMDeployEngine(Engine):
         gen_config = generation_config(sampling, self.prompt.stop_token_ids)
         self._sessions.ensure_free(session_id)  # refuse before LMDeploy opens a session
         entry = self._sessions.add(session_id, (self.pipe.session(), threading.Event()))
-        outputs = self.pipe.stream_infer(self.prompt.text(msgs), sessions=session,
+        outputs = self.pipe.stream_infer(self.prompt.text(msgs), sessions=entry[0],
                                          gen_config=gen_config, do_preprocess=False)
         return self._consume(outputs, entry, session_id, sampling, UsageMeter(len(ids)))
 

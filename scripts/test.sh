@@ -15,5 +15,7 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 mkdir -p tests/artifacts
+# Static check first: the LMDeploy and GPU code paths do not run on this CPU.
+.venv/bin/ruff check .
 .venv-train/bin/python -m pytest -q -p no:cacheprovider tests/training
 .venv/bin/python -m pytest -q --ignore=tests/training "$@"
