@@ -178,6 +178,8 @@ def main() -> None:
                    help="comma list: transformers, pytorch, turbomind, api, lmdeploy-pipeline")
     p.add_argument("--concurrency", default="1,8", help="comma list of concurrent sessions")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--backend-new-tokens", action="append", default=[], metavar="BACKEND=N",
+                   help="fewer tokens for a slow backend, e.g. transformers=32 (tok/s stay comparable)")
     p.add_argument("--prompt-words", type=int, default=64)
     p.add_argument("--session-len", type=int, default=4096)
     p.add_argument("--dtype", default="auto")
@@ -205,8 +207,10 @@ def main() -> None:
     header = f"{'backend':<18} {'N':>4} {'TTFT ms':>10} {'tok/s/stream':>14} {'total tok/s':>12} {'vs first':>9}"
     print(header, flush=True)
     results: list[Result] = []
+    per_backend = dict(x.split("=", 1) for x in args.backend_new_tokens)
     for b in backends:
-        results += bench_backend(args, b, model, sp)
+        n_tokens = int(per_backend.get(b, args.new_tokens))
+        results += bench_backend(args, b, model, SamplingParams(**{**sp.__dict__, "max_new_tokens": n_tokens}))
         free_memory()
 
     print("\n" + header)
