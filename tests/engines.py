@@ -27,6 +27,7 @@ def local_settings(model: str, backend: str = "transformers", session_len: int =
     s = EngineSettings(model_path=str(model), backend=backend, session_len=session_len)
     if backend == "pytorch":
         s.lmdeploy.cache_max_entry_count = 0.2
+        s.dtype = "float16"  # 3 more mantissa bits than bf16: fewer batch-dependent argmax flips
     return s
 
 
