@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 from .base import (Delta, Engine, Message, SessionRegistry, StopStringFilter, UsageMeter,
                    check_messages)
 from .errors import ContextOverflow, EngineError, InvalidRequest
+from .detok import IncrementalDecoder
 from .prompts import ChatPrompt
 from .settings import EngineSettings, SamplingParams
 
@@ -82,6 +83,9 @@ class LMDeployEngine(Engine):
                  sampling: SamplingParams, meter: UsageMeter) -> Iterator[Delta]:
         session, cancelled = entry
         stop = StopStringFilter(sampling.stop)
+        # Decode LMDeploy's token ids ourselves: its own incremental text drops a tail that
+        # ends inside a multi-byte character (seen on the H100 with concurrent sessions).
+        decoder = IncrementalDecoder(self.prompt.tokenizer)
         finish = None
         try:
             for out in outputs:
@@ -90,14 +94,14 @@ class LMDeployEngine(Engine):
                 meter.prompt_tokens = out.input_token_len or meter.prompt_tokens
                 meter.tokens_out(out.generate_token_len)
                 finish = out.finish_reason or finish
-                text = stop.feed(out.text)
+                text = stop.feed(decoder.add(out.token_ids or []))
                 if text:
                     yield Delta(text)
                 if stop.stopped:
                     session.abort()
                     finish = "stop"
                     break
-            tail = stop.flush()
+            tail = stop.feed(decoder.flush()) + stop.flush()
             if tail:
                 yield Delta(tail)
             if cancelled.is_set() or finish == "abort":

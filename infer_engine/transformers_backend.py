@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .detok import IncrementalDecoder
 from .base import (Delta, Engine, Message, SessionRegistry, StopStringFilter, UsageMeter,
                    check_messages)
 from .errors import EngineError
@@ -20,38 +21,13 @@ from .settings import EngineSettings, SamplingParams
 _DONE = object()
 
 
-class _IncrementalDecoder:
-    """Decode a growing token list into text deltas without splitting multi-byte characters."""
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
-
-    def add(self, token_ids: Sequence[int]) -> str:
-        self.ids.extend(token_ids)
-        dec = self.tokenizer.decode
-        prefix_text = dec(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        new_text = dec(self.ids[self.prefix:], skip_special_tokens=True)
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return new_text[len(prefix_text):]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held back (e.g. an incomplete character at the very end)."""
-        dec = self.tokenizer.decode
-        rest = dec(self.ids[self.prefix:], skip_special_tokens=True)
-        done = dec(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        self.prefix = self.read = len(self.ids)
-        return rest[len(done):]
-
-
 class _Run:
     """One generation's shared state between the worker thread and the consuming generator."""
 
     def __init__(self, tokenizer: Any, stop: Sequence[str], eos_ids: set[int], prompt_tokens: int):
         self.queue: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
-        self.decoder = _IncrementalDecoder(tokenizer)
+        self.decoder = IncrementalDecoder(tokenizer)
         self.stop_filter = StopStringFilter(stop)
         self.eos_ids = eos_ids
         self.meter = UsageMeter(prompt_tokens=prompt_tokens)

@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash ../shared/gpu-host/wheels.sh .whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform any -d .whl pytest==9.2.0 iniconfig pluggy packaging pygments httpx2 httpcore2 truststore h11
+    --platform any -d .whl pytest==9.2.0 iniconfig pluggy packaging pygments httpx2 httpcore2 truststore h11 sniffio
 du -sh .whl
