@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -153,6 +155,19 @@ def bench_backend(args, backend: str, model: str, sp: SamplingParams) -> list[Re
     return results
 
 
+def run_isolated(backend: str, model: str) -> list[Result]:
+    """This script again, for one backend, in a fresh process; results come back as JSON."""
+    argv = [a for a in sys.argv[1:]]
+    for flag in ("--shape", "--model-path", "--backends"):  # replaced below
+        while flag in argv:
+            i = argv.index(flag)
+            del argv[i:i + 2]
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, __file__, *argv, "--model-path", model, "--backends", backend,
+                        "--json-out", out.name], check=True)
+        return [Result(**r) for r in json.loads(Path(out.name).read_text())]
+
+
 def fmt(r: Result, base: Result | None = None) -> str:
     ratio = f"{r.total_tps / base.total_tps:8.2f}x" if base and base.total_tps else "        -"
     return (f"{r.backend:<18} {r.n:>4} {r.ttft_ms:>10.1f} {r.stream_tps:>14.1f} {r.total_tps:>12.1f} "
@@ -187,6 +202,10 @@ def main() -> None:
     p.add_argument("--api-base-url", default="")
     p.add_argument("--api-key", default="EMPTY")
     p.add_argument("--api-model", default="")
+    p.add_argument("--same-process", action="store_true",
+                   help="run every backend in this process (default: a fresh process each, so one "
+                        "engine's leftover threads and GPU memory cannot slow the next)")
+    p.add_argument("--json-out", help=argparse.SUPPRESS)  # a child process reports here
     args = p.parse_args()
     args.concurrency = [int(x) for x in args.concurrency.split(",")]
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -210,8 +229,14 @@ def main() -> None:
     per_backend = dict(x.split("=", 1) for x in args.backend_new_tokens)
     for b in backends:
         n_tokens = int(per_backend.get(b, args.new_tokens))
-        results += bench_backend(args, b, model, SamplingParams(**{**sp.__dict__, "max_new_tokens": n_tokens}))
-        free_memory()
+        if args.same_process or len(backends) == 1:
+            results += bench_backend(args, b, model, SamplingParams(**{**sp.__dict__, "max_new_tokens": n_tokens}))
+            free_memory()
+        else:
+            results += run_isolated(b, model)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps([r.__dict__ for r in results]))
+        return
 
     print("\n" + header)
     for r in results:
