@@ -120,7 +120,9 @@ def bench_backend(args, backend: str, model: str, sp: SamplingParams) -> list[Re
         pipe = pipeline(model, backend_config=backend_config(s), log_level="WARNING")
         gen = generation_config(sp, chat.stop_token_ids)
         try:
-            run_pipeline(pipe, [chat.text(m) for m in prompts(2, 8)], gen, backend)  # warm-up
+            warm = generation_config(SamplingParams(**{**sp.__dict__, "max_new_tokens": 8}), chat.stop_token_ids)
+            for n in args.concurrency:  # warm up at each batch size (CUDA graphs are captured per size)
+                run_pipeline(pipe, [chat.text(m) for m in prompts(n, args.prompt_words)], warm, backend)
             for n in args.concurrency:
                 results.append(run_pipeline(pipe, [chat.text(m) for m in prompts(n, args.prompt_words)],
                                             gen, backend))
@@ -143,7 +145,9 @@ def bench_backend(args, backend: str, model: str, sp: SamplingParams) -> list[Re
         s = engine_settings(args, backend, model)
     engine = create_engine(s)
     try:
-        run_engine(engine, prompts(2, 8), SamplingParams(**{**sp.__dict__, "max_new_tokens": 8}), backend)
+        warm = SamplingParams(**{**sp.__dict__, "max_new_tokens": 8})
+        for n in args.concurrency:  # warm up at each batch size (CUDA graphs are captured per size)
+            run_engine(engine, prompts(n, args.prompt_words), warm, backend)
         for n in args.concurrency:
             results.append(run_engine(engine, prompts(n, args.prompt_words), sp, backend))
             print(fmt(results[-1]), flush=True)
