@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                 engine_settings, model_path=resolve_model(app.compare_model_path, app.model_source,
                                                           app.cache_dir))
             if engine_settings.backend in ("pytorch", "turbomind"):  # two models share one GPU
+                half = engine_settings.lmdeploy.cache_max_entry_count / 2
                 for s in (engine_settings, compare_settings):
-                    s.lmdeploy = dataclasses.replace(
-                        engine_settings.lmdeploy, cache_max_entry_count=engine_settings.lmdeploy.cache_max_entry_count / 2)
+                    s.lmdeploy = dataclasses.replace(s.lmdeploy, cache_max_entry_count=half)
         engine = create_engine(engine_settings)
         compare = create_engine(compare_settings) if compare_settings else None
     except EngineError as exc:
