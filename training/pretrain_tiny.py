@@ -12,9 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .data.io import read_jsonl, run_cli
+from .data.io import atomic_dir, read_jsonl, run_cli
 from .data.validate import check_sample, validate
-from .run import _AtomicDir
 
 GENERAL_CHAT = Path(__file__).parent / "data" / "general_chat.jsonl"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -58,7 +57,7 @@ def pretrain(model_dir: str, out: str, data: str | Path = GENERAL_CHAT, steps: i
         if step % 50 == 0 or step == steps:
             print(f"[pretrain] step {step}/{steps} loss {loss.item():.4f}", flush=True)
     model.eval()
-    with _AtomicDir(out) as tmp:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         for name in TOKENIZER_FILES:  # copied, not re-saved: keeps the config portable
             if (Path(model_dir) / name).exists():

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .data.io import DataError
+from .data.io import DataError, atomic_dir
 from .settings import TrainSettings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,30 +99,11 @@ def latest_checkpoint(work_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-class _AtomicDir:
-    """Build a folder at `dest.partial`, rename it to `dest` when complete."""
-
-    def __init__(self, dest: str | Path):
-        self.dest = Path(dest)
-        self.partial = self.dest.with_name(self.dest.name + ".partial")
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.partial, ignore_errors=True)
-        self.partial.parent.mkdir(parents=True, exist_ok=True)
-        return self.partial
-
-    def __exit__(self, exc_type, *_: object) -> None:
-        if exc_type is None:
-            if self.dest.exists():
-                shutil.rmtree(self.dest)
-            os.replace(self.partial, self.dest)
-
-
 def convert(config: Path, pth: Path, out: str | Path, log: Path) -> Path:
     """XTuner .pth checkpoint -> HF adapter folder (safetensors, fp32: without these flags
     pth_to_hf writes an fp16 .bin). Only load checkpoints this pipeline wrote: XTuner reads
     .pth with weights_only=False."""
-    with _AtomicDir(out) as tmp:
+    with atomic_dir(out) as tmp:
         run_step("convert", _tool("pth_to_hf", str(config), str(pth), str(tmp), "--fp32",
                                   "--safe-serialization"), log)
     return Path(out)
@@ -133,7 +113,7 @@ def merge(base: str, adapter: Path, out: str | Path, log: Path, device: str = "c
           max_shard_size: str = "2GB") -> Path:
     """Merge the adapter into the base model; the result keeps the base tokenizer's chat
     template so the serving side renders prompts the way training did."""
-    with _AtomicDir(out) as tmp:
+    with atomic_dir(out) as tmp:
         run_step("merge", _tool("merge", str(base), str(adapter), str(tmp), "--safe-serialization",
                                 "--device", device, "--max-shard-size", max_shard_size), log,
                  local_model=Path(base).exists())

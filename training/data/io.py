@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -54,6 +55,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path) -> Iterator[Path]:
+    """Yield `dest.partial` to build a folder in; it becomes `dest` only if the block succeeds,
+    so a folder at `dest` is always complete (a failure leaves just the .partial)."""
+    dest = Path(dest)
+    partial = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    yield partial
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(partial, dest)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
