@@ -5,30 +5,17 @@ app.env file of KEY=VALUE lines.
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from chat_ui.settings import parse_settings
+from chat_ui.settings import compare_engine_settings, parse_settings
 from infer_engine import EngineError, create_engine
-from infer_engine.sources import resolve_model
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         app, engine_settings = parse_settings(argv)
-        if engine_settings.backend != "api":
-            engine_settings.model_path = resolve_model(engine_settings.model_path, app.model_source,
-                                                       app.cache_dir)
-        compare_settings = None
-        if app.compare_model_path:
-            compare_settings = dataclasses.replace(
-                engine_settings, model_path=resolve_model(app.compare_model_path, app.model_source,
-                                                          app.cache_dir))
-            if engine_settings.backend in ("pytorch", "turbomind"):  # two models share one GPU
-                half = engine_settings.lmdeploy.cache_max_entry_count / 2
-                for s in (engine_settings, compare_settings):
-                    s.lmdeploy = dataclasses.replace(s.lmdeploy, cache_max_entry_count=half)
-        engine = create_engine(engine_settings)
+        compare_settings = compare_engine_settings(app, engine_settings)
+        engine = create_engine(engine_settings)  # fetches openxlab:// modelscope:// hf:// models
         compare = create_engine(compare_settings) if compare_settings else None
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from infer_engine.errors import InvalidRequest
-from infer_engine.settings import (EngineSettings, add_dataclass_arguments, add_engine_arguments,
-                                   dataclass_from_args, settings_from_args)
-from infer_engine.sources import DEFAULT_CACHE, SOURCES
+from infer_engine.settings import (EngineSettings, SamplingParams, add_dataclass_arguments,
+                                   add_engine_arguments, dataclass_from_args, settings_from_args)
 
 ENV_PREFIX = "APP_"
 
@@ -27,18 +27,20 @@ class AppSettings:
     system_prompt: str = field(default="", metadata=_help("initial system prompt (editable in the page)"))
     examples: str = field(default="你好，请介绍一下你自己|What can you do?|用三句话解释什么是微调",
                           metadata=_help("example questions, separated by |"))
-    model_source: str = field(default="huggingface", metadata=_help(
-        "where a model id (not a folder) is downloaded from", choices=SOURCES[1:]))
-    cache_dir: str = field(default=DEFAULT_CACHE, metadata=_help("download cache"))
     model_label: str = field(default="", metadata=_help("name shown for the model (default: folder name)"))
     compare_model_path: str = field(default="", metadata=_help(
-        "second model for the side-by-side Compare tab, e.g. the base model before fine-tuning"))
+        "second model for the side-by-side Compare tab, e.g. the base model before fine-tuning "
+        "(with --backend api: the remote model's name)"))
+    compare_api_base_url: str = field(default="", metadata=_help(
+        "with --backend api: the server of the compare model (default: --api-base-url)"))
     compare_label: str = field(default="", metadata=_help("name shown for the compare model"))
     concurrency: int = field(default=8, metadata=_help("generations running at once"))
     queue_size: int = field(default=64, metadata=_help("requests waiting at most; more are refused"))
     max_input_chars: int = field(default=4000, metadata=_help("longest message accepted"))
-    max_new_tokens: int = field(default=512, metadata=_help("default reply length (slider)"))
-    temperature: float = field(default=0.7, metadata=_help("default temperature (slider; 0 = greedy)"))
+    max_new_tokens: int = field(default=SamplingParams.max_new_tokens,
+                                metadata=_help("default reply length (slider)"))
+    temperature: float = field(default=SamplingParams.temperature,
+                               metadata=_help("default temperature (slider; 0 = greedy)"))
     auth: str = field(default="", metadata=_help("require login: user:pass[,user2:pass2]"))
 
     def validate(self) -> "AppSettings":
@@ -98,3 +100,23 @@ def parse_settings(argv: Sequence[str] | None = None, env: Mapping[str, str] | N
         merged = {**read_env_file(env_file), **merged}  # real env vars win over the file
     app = dataclass_from_args(AppSettings, args, merged, ENV_PREFIX).validate()
     return app, settings_from_args(args, merged)
+
+
+def compare_engine_settings(app: AppSettings, engine: EngineSettings) -> EngineSettings | None:
+    """Settings of the Compare tab's model: the main engine's, with the other model."""
+    if not app.compare_model_path:
+        return None
+    if engine.backend == "api":
+        api = dataclasses.replace(engine.api, model=app.compare_model_path,
+                                  base_url=app.compare_api_base_url or engine.api.base_url)
+        if api.base_url == engine.api.base_url and api.model == engine.api.model:
+            raise InvalidRequest(f"compare_model_path {api.model!r} is the model the app already serves "
+                                 f"at {api.base_url}: name another remote model, or another server with "
+                                 "--compare-api-base-url", param="compare_model_path")
+        return dataclasses.replace(engine, api=api)
+    compare = dataclasses.replace(engine, model_path=app.compare_model_path)
+    if engine.backend in ("pytorch", "turbomind"):  # two models share one GPU: half the KV cache each
+        half = engine.lmdeploy.cache_max_entry_count / 2
+        for s in (engine, compare):
+            s.lmdeploy = dataclasses.replace(s.lmdeploy, cache_max_entry_count=half)
+    return compare

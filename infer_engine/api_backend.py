@@ -5,10 +5,11 @@ first token arrives; 400/401/404 become clear errors at once. Cancel closes the 
 """
 from __future__ import annotations
 
+import itertools
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
-from .base import Delta, Engine, Message, SessionRegistry, UsageMeter, check_messages
+from .base import Engine, Generation, Message, Piece
 from .errors import (AuthenticationFailed, BackendUnavailable, EngineError, InvalidRequest,
                      ModelNotFound)
 from .prompts import escape_control_tokens
@@ -21,26 +22,20 @@ COMMON_CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|actio
                          "[INST]", "[/INST]")
 
 
-class _Session:
-    def __init__(self) -> None:
-        self.cancelled = threading.Event()
-        self.stream: Any = None
-
-
 class ApiEngine(Engine):
     def __init__(self, settings: EngineSettings):
         from openai import OpenAI
 
+        super().__init__()
         self.settings = settings.api
         self.client = OpenAI(base_url=self.settings.base_url, api_key=self.settings.api_key or "EMPTY",
                              timeout=self.settings.timeout, max_retries=0)
         self._model = self.settings.model
-        self._sessions: SessionRegistry[_Session] = SessionRegistry()
 
     @property
     def model_name(self) -> str:
         if not self._model:  # resolved on first use, so a server that starts later is fine
-            models = self._call(lambda: self.client.models.list(), _Session()).data
+            models = self._call(lambda: self.client.models.list(), threading.Event()).data
             if not models:
                 raise ModelNotFound(f"api: {self.settings.base_url} lists no models")
             self._model = models[0].id
@@ -67,7 +62,7 @@ class ApiEngine(Engine):
         req["extra_body"] = extra
         return req
 
-    def _call(self, fn: Any, session: _Session) -> Any:
+    def _call(self, fn: Any, cancelled: threading.Event) -> Any:
         """Run fn with retries on connection errors / 5xx; map errors to EngineError."""
         import openai
 
@@ -76,89 +71,73 @@ class ApiEngine(Engine):
             try:
                 return fn()
             except (openai.APIConnectionError, openai.InternalServerError) as exc:
-                if attempt + 1 == attempts or session.cancelled.is_set():
+                if attempt + 1 == attempts or cancelled.is_set():
                     raise BackendUnavailable(
                         f"api: {self.settings.base_url} failed after {attempt + 1} attempt(s): "
                         f"{_describe(exc)}") from None
-                if session.cancelled.wait(min(0.5 * 2 ** attempt, 8.0)):
+                if cancelled.wait(min(0.5 * 2 ** attempt, 8.0)):
                     raise BackendUnavailable("api: cancelled while retrying") from None
             except openai.APIStatusError as exc:
                 raise _map_status(exc, self.settings.base_url) from None
 
-    def stream_chat(self, messages: Sequence[Message], sampling: SamplingParams | None = None,
-                    session_id: str = "default") -> Iterator[Delta]:
-        sampling = (sampling or SamplingParams()).validate()
-        req = self._request(check_messages(messages), sampling)
-        session = self._sessions.add(session_id, _Session())
-        try:
-            meter = UsageMeter()
-
-            def open_and_read_first() -> tuple[Any, list]:
-                # Retried as a whole: a failure before the first token loses nothing.
-                session.stream = self.client.chat.completions.create(**req)
-                head = []
-                for chunk in session.stream:
-                    head.append(chunk)
-                    if _content(chunk) or _finish(chunk) or chunk.usage:
-                        break
-                return session.stream, head
-
-            stream, head = self._call(open_and_read_first, session)
-        except BaseException:
-            self._sessions.remove(session_id, session)
-            raise
-        return self._consume(stream, head, session, session_id, meter)
-
-    def _consume(self, stream: Any, head: list, session: _Session, session_id: str,
-                 meter: UsageMeter) -> Iterator[Delta]:
+    def generate(self, gen: Generation) -> Iterator[Piece]:
         import openai
 
-        finish, server_usage, pieces = "stop", None, 0
+        req = self._request(gen.messages, gen.sampling)
+        streams: list = []
 
-        def chunks() -> Iterator:
-            yield from head
-            yield from stream
+        def close_streams() -> None:
+            for stream in streams:
+                stream.close()  # unblocks the reading thread at once
 
+        gen.on_cancel(close_streams)
+
+        def open_and_read_first() -> tuple[Any, list]:
+            # Retried as a whole: a failure before the first token loses nothing.
+            stream = self.client.chat.completions.create(**req)
+            streams.append(stream)
+            if gen.cancelled.is_set():
+                stream.close()
+            head = []
+            for chunk in stream:
+                head.append(chunk)
+                if _content(chunk) or _finish(chunk) or chunk.usage:
+                    break
+            return stream, head
+
+        stream = None
         try:
             try:
-                for chunk in chunks():
+                stream, head = self._call(open_and_read_first, gen.cancelled)
+                finish, usage, pieces = None, None, 0
+                for chunk in itertools.chain(head, stream):
                     text = _content(chunk)
-                    if text:
-                        pieces += 1
-                        meter.tokens_out(pieces)
-                        yield Delta(text)
+                    pieces += bool(text)
                     finish = _finish(chunk) or finish
-                    server_usage = chunk.usage or server_usage
+                    usage = chunk.usage or usage
+                    yield Piece(text, completion_tokens=pieces)
             except openai.APIError as exc:
-                if not session.cancelled.is_set():
+                if not gen.cancelled.is_set():
                     raise EngineError(f"api: stream failed: {_describe(exc)}") from None
+                return
+            except EngineError:
+                if gen.cancelled.is_set():  # e.g. cancelled while waiting to retry
+                    return
+                raise
             except Exception as exc:  # the connection closed under us
-                if not session.cancelled.is_set():
+                if not gen.cancelled.is_set():
                     raise BackendUnavailable(f"api: stream broke off: {exc}") from None
-            if server_usage is not None:
-                meter.prompt_tokens = server_usage.prompt_tokens
-                meter.tokens = server_usage.completion_tokens
-            yield Delta("", meter.usage("cancelled" if session.cancelled.is_set() else finish))
+                return
+            if usage is not None:
+                yield Piece("", completion_tokens=usage.completion_tokens,
+                            prompt_tokens=usage.prompt_tokens, finish_reason=finish)
+            else:
+                yield Piece("", finish_reason=finish)
         finally:
-            session.cancelled.set()
-            stream.close()
-            self._sessions.remove(session_id, session)
-
-    def cancel(self, session_id: str) -> bool:
-        session = self._sessions.get(session_id)
-        if session is None:
-            return False
-        session.cancelled.set()
-        if session.stream is not None:
-            try:
-                session.stream.close()  # unblocks the reading thread at once
-            except Exception:
-                pass
-        return True
+            close_streams()
 
     def close(self) -> None:
-        for sid, _ in self._sessions.items():
-            self.cancel(sid)
+        self.cancel_all()
         self.client.close()
 
 

@@ -1,14 +1,21 @@
-"""The one interface every backend implements; the UI and the server use only this module."""
+"""The one interface every backend implements; the UI and the server use only this module.
+
+`Engine` owns the protocol once: it validates the request, fits the conversation to the
+context, registers the session on the first `next()` (so a stream that is never read holds
+nothing), cuts at stop strings, works out the finish reason and the usage, and unregisters in
+`finally`. A backend writes one method, `generate`, yielding `Piece`s of new text, and may
+hook `cancel` through `Generation.on_cancel` (as simonw/llm's `Model.execute` does).
+"""
 from __future__ import annotations
 
 import abc
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Generic, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
-from .errors import InvalidRequest
-from .settings import SamplingParams
+from .errors import InvalidRequest, SessionBusy
+from .settings import SamplingParams, check_text
 
 ROLES = ("system", "user", "assistant")
 Message = dict  # {"role": "system"|"user"|"assistant", "content": str}
@@ -36,8 +43,18 @@ class Delta:
 
 
 @dataclass
+class Piece:
+    """What a backend's `generate` yields: new text, and what it knows so far."""
+
+    text: str = ""
+    completion_tokens: int | None = None  # running total, when the backend counts tokens
+    prompt_tokens: int | None = None      # when the backend learns it (remote servers)
+    finish_reason: str | None = None      # "stop" (end of turn) or "length", when it knows
+
+
+@dataclass
 class UsageMeter:
-    """Times a generation as it streams; backends feed it token counts."""
+    """Times a generation as it streams; the engine feeds it token counts."""
 
     prompt_tokens: int = 0
     start: float = field(default_factory=time.perf_counter)
@@ -61,11 +78,33 @@ class UsageMeter:
         return Usage(self.prompt_tokens, self.tokens, ttft, tps, finish_reason)
 
 
+def _prefix_function(s: str) -> list[int]:
+    """KMP failure table: pi[i] = length of the longest proper prefix of s[:i+1] that is also
+    its suffix."""
+    pi = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = pi[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        pi[i] = k
+    return pi
+
+
 class StopStringFilter:
-    """Cuts streamed text at the first stop string, holding back text that may start one."""
+    """Cuts streamed text at the first stop string, holding back text that may start one.
+
+    Each stop string is matched by a KMP automaton whose state carries across `feed` calls,
+    so the work is linear in the text (amortised O(1) per character and stop string) however
+    long the stop strings are; the text held back is never longer than the longest of them.
+    The match that ends first wins, so the cut does not depend on how the text was chunked.
+    """
 
     def __init__(self, stop: Sequence[str]):
-        self.stop = [s for s in stop if s]
+        self.stop = [s for s in dict.fromkeys(stop) if s]
+        self._fail = [_prefix_function(s) for s in self.stop]
+        self._state = [0] * len(self.stop)  # characters of each stop string matched so far
         self.buffer = ""
         self.stopped = False
 
@@ -74,14 +113,28 @@ class StopStringFilter:
             return ""
         if not self.stop:
             return text
+        start = len(self.buffer)
         self.buffer += text
-        cut = min((i for i in (self.buffer.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            out, self.buffer = self.buffer[:cut], ""
-            return out
-        hold = max((k for s in self.stop for k in range(1, len(s)) if self.buffer.endswith(s[:k])),
-                   default=0)
+        state, stops, fail = self._state, self.stop, self._fail
+        for pos in range(start, len(self.buffer)):
+            ch = self.buffer[pos]
+            cut = -1
+            for i, s in enumerate(stops):
+                q = state[i]
+                while q and s[q] != ch:
+                    q = fail[i][q - 1]
+                if s[q] == ch:
+                    q += 1
+                if q == len(s):
+                    begin = pos + 1 - q
+                    cut = begin if cut < 0 else min(cut, begin)
+                    q = fail[i][q - 1]
+                state[i] = q
+            if cut >= 0:
+                self.stopped = True
+                out, self.buffer = self.buffer[:cut], ""
+                return out
+        hold = max(state)
         out = self.buffer[:len(self.buffer) - hold]
         self.buffer = self.buffer[len(out):]
         return out
@@ -89,6 +142,20 @@ class StopStringFilter:
     def flush(self) -> str:
         out, self.buffer = ("" if self.stopped else self.buffer), ""
         return out
+
+
+class _TrailingReplacementHold:
+    """Holds back U+FFFD at the end of the text so far: a stream cut at max_new_tokens in the
+    middle of a multi-byte character must not end in a replacement character."""
+
+    def __init__(self) -> None:
+        self.held = ""
+
+    def feed(self, text: str) -> str:
+        text = self.held + text
+        kept = text.rstrip("\ufffd")
+        self.held = text[len(kept):]
+        return kept
 
 
 T = TypeVar("T")
@@ -99,31 +166,33 @@ class SessionRegistry(Generic[T]):
 
     def __init__(self) -> None:
         self._items: dict[str, T] = {}
-        self._lock = threading.Lock()
-
-    def ensure_free(self, session_id: str) -> None:
-        if session_id in self._items:
-            raise InvalidRequest(f"session {session_id!r} already has a running generation",
-                                 param="session_id")
+        self._changed = threading.Condition()
 
     def add(self, session_id: str, item: T) -> T:
-        with self._lock:
-            self.ensure_free(session_id)
+        with self._changed:
+            if session_id in self._items:
+                raise SessionBusy("this session already has a reply being generated: wait for it "
+                                  "to finish or cancel it", param="session_id")
             self._items[session_id] = item
         return item
 
     def get(self, session_id: str) -> T | None:
-        with self._lock:
+        with self._changed:
             return self._items.get(session_id)
 
     def remove(self, session_id: str, item: T) -> None:
         """Forget `item` (not a newer generation that reused the session id)."""
-        with self._lock:
+        with self._changed:
             if self._items.get(session_id) is item:
                 del self._items[session_id]
+                self._changed.notify_all()
+
+    def wait_free(self, session_id: str, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: session_id not in self._items, timeout)
 
     def items(self) -> list[tuple[str, T]]:
-        with self._lock:
+        with self._changed:
             return list(self._items.items())
 
     def __len__(self) -> int:
@@ -149,23 +218,116 @@ def check_messages(messages: Sequence[Message]) -> list[Message]:
                 raise InvalidRequest(f"{where}.content: only text parts are supported",
                                      param=f"{where}.content")
             content = "".join(parts)
-        if not isinstance(content, str):
-            raise InvalidRequest(f"{where}.content must be a string", param=f"{where}.content")
-        out.append({"role": role, "content": content})
+        out.append({"role": role, "content": check_text(content, f"{where}.content")})
     if out[-1]["role"] != "user":
         raise InvalidRequest("the last message must have role 'user'", param=f"messages[{len(out) - 1}].role")
     return out
 
 
+class Generation:
+    """One request as a backend's `generate` sees it: validated messages, fitted to the
+    context, their token ids (backends with a local tokenizer), the sampling settings, and a
+    cancellation flag with callbacks (abort an engine session, close an HTTP stream)."""
+
+    def __init__(self, session_id: str, messages: list[Message], prompt_ids: list[int] | None,
+                 sampling: SamplingParams):
+        self.session_id, self.messages, self.prompt_ids, self.sampling = \
+            session_id, messages, prompt_ids, sampling
+        self.cancelled = threading.Event()
+        self._callbacks: list[Callable[[], Any]] = []
+        self._lock = threading.Lock()
+
+    def on_cancel(self, fn: Callable[[], Any]) -> None:
+        """Call `fn` when the generation is cancelled (at once if it already is)."""
+        with self._lock:
+            if not self.cancelled.is_set():
+                self._callbacks.append(fn)
+                return
+        _quietly(fn)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            _quietly(fn)
+
+
+def _quietly(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception:  # a cancel hook must not turn a Stop into an error
+        pass
+
+
 class Engine(abc.ABC):
-    """A chat model behind one interface. Implementations must be safe to call from many threads."""
+    """A chat model behind one interface. Implementations must be safe to call from many threads.
+
+    Backends set `prompt` (a ChatPrompt) and `session_len` when they tokenize locally; then the
+    conversation is cut to the context here. Remote backends leave `prompt` None.
+    """
 
     model_name: str = "model"
+    prompt: Any = None
+    session_len: int = 0
+
+    def __init__(self) -> None:
+        self._sessions: SessionRegistry[Generation] = SessionRegistry()
 
     @abc.abstractmethod
+    def generate(self, gen: Generation) -> Iterator[Piece]:
+        """Yield the reply as Pieces. Stop when `gen.cancelled` is set or when closed (clean up
+        in `finally`). Raise EngineError subclasses for failures."""
+
     def stream_chat(self, messages: Sequence[Message], sampling: SamplingParams | None = None,
                     session_id: str = "default") -> Iterator[Delta]:
-        """Yield text deltas; the last Delta carries Usage. Raises EngineError subclasses."""
+        """Yield text deltas; the last Delta carries Usage. Bad input raises EngineError
+        subclasses here, at the call; the session is taken on the first `next()`."""
+        sampling = (sampling or SamplingParams()).validate()
+        msgs = check_messages(messages)
+        ids = None
+        if self.prompt is not None:
+            msgs, ids = self.prompt.fit(msgs, self.session_len, sampling.max_new_tokens)
+        return self._stream(Generation(session_id, msgs, ids, sampling))
+
+    def _stream(self, gen: Generation) -> Iterator[Delta]:
+        self._sessions.add(gen.session_id, gen)
+        try:
+            meter = UsageMeter(prompt_tokens=len(gen.prompt_ids or ()))
+            stop, hold = StopStringFilter(gen.sampling.stop), _TrailingReplacementHold()
+            finish, pieces, counted = None, 0, None
+            backend = self.generate(gen)
+            try:
+                for piece in backend:
+                    if piece.prompt_tokens is not None:
+                        meter.prompt_tokens = piece.prompt_tokens
+                    if piece.completion_tokens is not None:
+                        counted = piece.completion_tokens
+                    if piece.text:
+                        pieces += 1
+                    # backends that do not count tokens: one piece of text ~ one token
+                    meter.tokens_out(pieces if counted is None else counted)
+                    finish = piece.finish_reason or finish
+                    text = stop.feed(hold.feed(piece.text))
+                    if text:
+                        yield Delta(text)
+                    if stop.stopped or gen.cancelled.is_set():
+                        break
+            finally:
+                backend.close()  # the backend stops and cleans up at once
+            if not stop.stopped:
+                text = stop.flush()
+                if text:
+                    yield Delta(text)
+            if gen.cancelled.is_set():
+                reason = "cancelled"
+            elif stop.stopped:
+                reason = "stop"
+            else:
+                reason = finish or ("length" if meter.tokens >= gen.sampling.max_new_tokens else "stop")
+            yield Delta("", meter.usage(reason))
+        finally:
+            self._sessions.remove(gen.session_id, gen)
 
     def chat(self, messages: Sequence[Message], sampling: SamplingParams | None = None,
              session_id: str = "default") -> tuple[str, Usage]:
@@ -175,12 +337,28 @@ class Engine(abc.ABC):
             usage = delta.usage or usage
         return "".join(parts), usage
 
-    @abc.abstractmethod
     def cancel(self, session_id: str) -> bool:
         """Stop the session's running generation; True if one was running."""
+        gen = self._sessions.get(session_id)
+        if gen is None:
+            return False
+        gen.cancel()
+        return True
+
+    def running_sessions(self) -> list[str]:
+        """Session ids with a generation running now."""
+        return [sid for sid, _ in self._sessions.items()]
+
+    def wait_session_free(self, session_id: str, timeout: float = 10.0) -> bool:
+        """Block until the session has no running generation (e.g. after `cancel`)."""
+        return self._sessions.wait_free(session_id, timeout)
 
     def close(self) -> None:
         """Release the model / connections."""
+
+    def cancel_all(self) -> None:
+        for _, gen in self._sessions.items():
+            gen.cancel()
 
     def __enter__(self) -> "Engine":
         return self

@@ -1,6 +1,7 @@
 """Chat with any backend in the terminal.
 
-    python -m infer_engine.chat --model-path models/tiny-chat [--system "..."] [--temperature 0.7]
+    python -m infer_engine.chat models/tiny-chat [--system "..."] [--temperature 0.7]
+    python -m infer_engine.chat ./merged --prompt-template internlm2_chat   # as with `xtuner chat`
 
 Type a message and Enter. Commands: /reset (forget the history), /exit. Ctrl-C while a reply
 streams stops it (the engine cancels the generation); Ctrl-C at the prompt quits.
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import uuid
 
 from .errors import EngineError
@@ -19,6 +19,10 @@ from .settings import SamplingParams, add_engine_arguments, settings_from_args
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Chat with a model in the terminal")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model folder or openxlab:// modelscope:// hf:// id (same as --model-path)")
+    p.add_argument("--prompt-template", dest="chat_template", default=None,
+                   help="same as --chat-template (the name `xtuner chat` uses)")
     p.add_argument("--system", default="", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=SamplingParams.max_new_tokens)
     p.add_argument("--temperature", type=float, default=SamplingParams.temperature)
@@ -27,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=SamplingParams.repetition_penalty)
     add_engine_arguments(p)
     args = p.parse_args(argv)
+    if args.model and not args.model_path:
+        args.model_path = args.model
     try:
         settings = settings_from_args(args)
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -38,8 +44,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     session = uuid.uuid4().hex
-    print(f"chatting with {engine.model_name} ({settings.backend}); /reset, /exit", flush=True)
     with engine:
+        try:
+            name = engine.model_name
+        except EngineError as exc:  # a remote API that is down: say so, and try again per message
+            print(f"error: {exc}", file=sys.stderr)
+            name = "the model"
+        print(f"chatting with {name} ({settings.backend}); /reset, /exit", flush=True)
         while True:
             try:
                 line = input("\n>>> ").strip()
@@ -56,17 +67,18 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             history.append({"role": "user", "content": line})
             reply, usage = [], None
-            stream = engine.stream_chat(history, sampling, session)
             try:
-                for delta in stream:
-                    print(delta.text, end="", flush=True)
-                    reply.append(delta.text)
-                    usage = delta.usage or usage
-            except KeyboardInterrupt:
-                engine.cancel(session)
-                threading.Thread(target=list, args=(stream,), daemon=True).start()  # drain
-                print("\n(stopped)")
-            except EngineError as exc:
+                stream = engine.stream_chat(history, sampling, session)
+                try:
+                    for delta in stream:
+                        print(delta.text, end="", flush=True)
+                        reply.append(delta.text)
+                        usage = delta.usage or usage
+                except KeyboardInterrupt:
+                    engine.cancel(session)
+                    stream.close()
+                    print("\n(stopped)")
+            except EngineError as exc:  # too long for the context, backend down, ...: go on
                 print(f"\nerror: {exc}")
                 history.pop()
                 continue

@@ -25,6 +25,10 @@ class ContextOverflow(InvalidRequest):
     """The newest message alone does not fit into the context window."""
 
 
+class SessionBusy(InvalidRequest):
+    """The session id already has a generation running (one at a time per session)."""
+
+
 class AuthenticationFailed(EngineError):
     status = 401
     kind = "authentication_error"

@@ -7,12 +7,10 @@ since LMDeploy parses special tokens anywhere in the text. LMDeploy is imported 
 """
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .base import (Delta, Engine, Message, SessionRegistry, StopStringFilter, UsageMeter,
-                   check_messages)
+from .base import Engine, Generation, Piece
 from .errors import ContextOverflow, EngineError, InvalidRequest
 from .prompts import ChatPrompt
 from .settings import EngineSettings, SamplingParams
@@ -59,75 +57,46 @@ class LMDeployEngine(Engine):
     def __init__(self, settings: EngineSettings, pipeline_kwargs: dict | None = None):
         from lmdeploy import pipeline
 
+        super().__init__()
         self.settings = settings
+        self.session_len = settings.session_len
         self.model_name = Path(settings.model_path).name or settings.model_path
         self.prompt = ChatPrompt.from_pretrained(settings.model_path, settings.chat_template)
         self.pipe = pipeline(settings.model_path, backend_config=backend_config(settings),
                              log_level="WARNING", **(pipeline_kwargs or {}))
-        self._sessions: SessionRegistry[tuple[Any, threading.Event]] = SessionRegistry()
 
-    def stream_chat(self, messages: Sequence[Message], sampling: SamplingParams | None = None,
-                    session_id: str = "default") -> Iterator[Delta]:
-        sampling = (sampling or SamplingParams()).validate()
-        msgs, ids = self.prompt.fit(check_messages(messages), self.settings.session_len,
-                                    sampling.max_new_tokens)
-        gen_config = generation_config(sampling, self.prompt.stop_token_ids)
-        self._sessions.ensure_free(session_id)  # refuse before LMDeploy opens a session
-        entry = self._sessions.add(session_id, (self.pipe.session(), threading.Event()))
-        outputs = self.pipe.stream_infer(self.prompt.text(msgs), sessions=entry[0],
-                                         gen_config=gen_config, do_preprocess=False)
-        return self._consume(outputs, entry, session_id, sampling, UsageMeter(len(ids)))
-
-    def _consume(self, outputs: Iterator, entry: tuple[Any, threading.Event], session_id: str,
-                 sampling: SamplingParams, meter: UsageMeter) -> Iterator[Delta]:
-        session, cancelled = entry
-        stop = StopStringFilter(sampling.stop)
+    def generate(self, gen: Generation) -> Iterator[Piece]:
+        session = self.pipe.session()
+        gen.on_cancel(session.abort)
+        outputs = self.pipe.stream_infer(self.prompt.text(gen.messages), sessions=session,
+                                         gen_config=generation_config(gen.sampling,
+                                                                      self.prompt.stop_token_ids),
+                                         do_preprocess=False)
         # LMDeploy's incremental text can drop a tail that ends inside a multi-byte character
         # (seen on the H100 with concurrent sessions): stream its text, and once finished emit
         # what one decode of all the ids adds. Decoding per delta here halved N=64 throughput.
         ids: list[int] = []
         raw: list[str] = []
-        finish = None
         try:
             for out in outputs:
                 if out.finish_reason == "error":
                     raise _error(out)
-                meter.prompt_tokens = out.input_token_len or meter.prompt_tokens
-                meter.tokens_out(out.generate_token_len)
-                finish = out.finish_reason or finish
                 ids.extend(out.token_ids or [])
                 raw.append(out.text)
-                text = stop.feed(out.text)
-                if text:
-                    yield Delta(text)
-                if stop.stopped:
-                    session.abort()
-                    finish = "stop"
-                    break
-            tail = stop.feed(_missing_tail(self.prompt.tokenizer, ids, "".join(raw))) + stop.flush()
-            if tail:
-                yield Delta(tail)
-            if cancelled.is_set() or finish == "abort":
-                finish = "cancelled"
-            yield Delta("", meter.usage(finish or "stop"))
+                yield Piece(out.text, completion_tokens=out.generate_token_len,
+                            prompt_tokens=out.input_token_len or None,
+                            finish_reason=out.finish_reason if out.finish_reason in ("stop", "length")
+                            else None)
+            yield Piece(_missing_tail(self.prompt.tokenizer, ids, "".join(raw)))
         finally:
-            self._sessions.remove(session_id, entry)
             try:
                 session.abort()  # no-op when finished; stops it when the consumer went away
                 session.close()
             except Exception:
                 pass
 
-    def cancel(self, session_id: str) -> bool:
-        entry = self._sessions.get(session_id)
-        if entry is None:
-            return False
-        session, cancelled = entry
-        cancelled.set()
-        session.abort()
-        return True
-
     def close(self) -> None:
+        self.cancel_all()
         self.pipe.close()
 
 

@@ -44,6 +44,29 @@ NAMED_TEMPLATES: dict[str, NamedTemplate] = {
 }
 
 
+class _FastEncoders:
+    """Two copies of a fast tokenizer's Rust tokenizer, one that parses control tokens (for
+    template text) and one that never does (for content): nothing is flipped per call, so they
+    need no lock, and `encode_batch` runs without the GIL."""
+
+    @staticmethod
+    def of(tokenizer: Any) -> dict[bool, Any] | None:
+        backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) \
+            else None
+        if backend is None:
+            return None
+        from tokenizers import Tokenizer
+
+        encoders = {}
+        for trusted in (True, False):
+            enc = Tokenizer.from_str(backend.to_str())
+            enc.no_truncation()
+            enc.no_padding()
+            enc.encode_special_tokens = not trusted
+            encoders[trusted] = enc
+        return encoders
+
+
 @dataclass(frozen=True)
 class Segment:
     text: str
@@ -77,10 +100,15 @@ class ChatPrompt:
 
     def __init__(self, tokenizer: Any, template: str = "auto", model_type: str = ""):
         self.tokenizer = tokenizer
-        # HF fast tokenizers flip shared state for split_special_tokens on every call, so
-        # concurrent encodes could parse a template's control tokens as text: serialise them.
+        self._fast = _FastEncoders.of(tokenizer)
+        # HF tokenizers flip shared state for split_special_tokens on every call, so concurrent
+        # encodes could parse a template's control tokens as text: without a fast tokenizer's
+        # own two encoders, encodes are serialised.
         self._encode_lock = threading.Lock()
         self.control_tokens = control_tokens_of(tokenizer)
+        # No token decodes to more characters than this: a text longer than the budget times
+        # this cannot fit, whatever it holds, and is refused without being tokenized.
+        self.max_token_chars = max([len(t) for t in tokenizer.get_vocab()] + [1])
         if template == "auto" and not getattr(tokenizer, "chat_template", None):
             template = TEMPLATE_BY_MODEL_TYPE.get(model_type, "")
             if not template:
@@ -140,12 +168,26 @@ class ChatPrompt:
 
     def encode(self, messages: Sequence[dict]) -> list[int]:
         """Token ids with content encoded as plain text (special-token parsing off)."""
+        return self._encode_segments(self.segments(messages), {})
+
+    def _encode_segments(self, segments: Sequence[Segment], cache: dict) -> list[int]:
+        """Encode segment by segment (ids are additive over segments), each distinct segment
+        once per `cache`."""
+        todo = [s for s in dict.fromkeys(segments) if s not in cache]
+        if self._fast is not None:  # the tokenizers library releases the GIL in encode_batch
+            for trusted in (True, False):
+                batch = [s for s in todo if s.trusted == trusted]
+                if batch:
+                    encs = self._fast[trusted].encode_batch([s.text for s in batch], add_special_tokens=False)
+                    cache.update((s, e.ids) for s, e in zip(batch, encs))
+        else:
+            with self._encode_lock:
+                for seg in todo:
+                    cache[seg] = self.tokenizer.encode(seg.text, add_special_tokens=False,
+                                                       split_special_tokens=not seg.trusted)
         ids: list[int] = []
-        segments = self.segments(messages)
-        with self._encode_lock:
-            for seg in segments:
-                ids += self.tokenizer.encode(seg.text, add_special_tokens=False,
-                                             split_special_tokens=not seg.trusted)
+        for seg in segments:
+            ids += cache[seg]
         return ids
 
     def text(self, messages: Sequence[dict]) -> str:
@@ -161,22 +203,77 @@ class ChatPrompt:
     # -- context window ----------------------------------------------------------------
     def fit(self, messages: Sequence[dict], session_len: int, max_new_tokens: int
             ) -> tuple[list[dict], list[int]]:
-        """Drop the oldest turns (never system messages) until prompt + max_new_tokens fits."""
+        """Keep the system messages and as many of the newest turns as fit with max_new_tokens,
+        dropping the oldest first. A turn is a user message and the replies up to the next one.
+
+        Linear in what is kept: each distinct segment is tokenized once, and the number of
+        turns kept is found by doubling, then halving, from the newest (log-many renders of
+        what is kept), so a long history's dropped turns are never tokenized."""
         msgs = list(messages)
-        while True:
-            ids = self.encode(msgs)
-            if len(ids) + max_new_tokens <= session_len:
-                return msgs, ids
-            first = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
-            last_user = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-            if first is None or first >= last_user:
-                raise ContextOverflow(
-                    f"the last message needs {len(ids)} prompt tokens + max_new_tokens {max_new_tokens}, "
-                    f"more than the context of {session_len} tokens: shorten it or lower max_new_tokens",
-                    param="messages")
-            # drop the oldest turn: its user message and every reply up to the next user message
-            end = next((i for i in range(first + 1, len(msgs)) if msgs[i]["role"] == "user"), last_user)
-            del msgs[first:end]
+        budget = session_len - max_new_tokens
+        if budget < 1:
+            raise ContextOverflow(f"max_new_tokens {max_new_tokens} leaves no room for the prompt in the "
+                                  f"context of {session_len} tokens: lower it", param="max_new_tokens")
+        starts = [i for i, m in enumerate(msgs) if m["role"] == "user"]
+        # Leading replies before the first user message form a turn of their own.
+        if any(m["role"] != "system" for m in msgs[:starts[0]]):
+            starts.insert(0, 0)
+        cache: dict = {}
+
+        def kept(k: int) -> list[dict]:  # system messages + the newest k turns
+            cut = starts[len(starts) - k]
+            return [m for i, m in enumerate(msgs) if i >= cut or m["role"] == "system"]
+
+        def encoded(k: int) -> list[int] | None:  # the ids when k turns fit, else None
+            sub = kept(k)
+            if sum(len(m["content"]) for m in sub) > budget * self.max_token_chars:
+                return None  # too long whatever it holds: not worth tokenizing
+            ids = self._encode_segments(self.segments(sub), cache)
+            return ids if len(ids) <= budget else None
+
+        best = encoded(len(starts))
+        if best is not None:
+            return msgs, best
+        best = encoded(1)
+        if best is None:
+            raise self._overflow(kept(1), session_len, max_new_tokens, cache)
+        lo, hi = 1, len(starts)  # lo turns fit, hi turns do not
+        k = 2
+        while k < hi:  # double from the newest turn...
+            ids = encoded(k)
+            if ids is None:
+                hi = k
+                break
+            lo, best, k = k, ids, 2 * k
+        while hi - lo > 1:  # ...then halve between what fits and what does not
+            mid = (lo + hi) // 2
+            ids = encoded(mid)
+            if ids is None:
+                hi = mid
+            else:
+                lo, best = mid, ids
+        return kept(lo), best
+
+    def _overflow(self, sub: list[dict], session_len: int, max_new_tokens: int,
+                  cache: dict) -> ContextOverflow:
+        """Say what is too long: the system prompt, or the newest message."""
+        def size(ms: list[dict]) -> tuple[int, str]:  # (tokens or a lower bound, as words)
+            chars = sum(len(m["content"]) for m in ms)
+            if chars > session_len * self.max_token_chars:  # too long to be worth tokenizing
+                return chars // self.max_token_chars, f"{chars} characters"
+            n = len(self._encode_segments([Segment(m["content"], False) for m in ms], cache))
+            return n, f"{n} tokens"
+
+        room = f"with max_new_tokens {max_new_tokens} that is more than the context of {session_len} tokens"
+        system = [m for m in sub if m["role"] == "system"]
+        if system:
+            n, words = size(system)
+            if n + max_new_tokens >= session_len:
+                return ContextOverflow(f"the system prompt is {words}; {room}: shorten the system "
+                                       "prompt or lower max_new_tokens", param="messages")
+        _, words = size([sub[-1]])
+        return ContextOverflow(f"the last message is {words}" + (" (plus the system prompt)" if system else "")
+                               + f"; {room}: shorten it or lower max_new_tokens", param="messages")
 
     # -- stop words --------------------------------------------------------------------
     def _stop_words(self) -> list[str]:

@@ -3,7 +3,8 @@
     python -m infer_engine.server --model-path models/tiny-chat --port 23333 [--api-key KEY]
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (SSE when "stream": true). Errors use
-OpenAI's JSON shape with 400/401/404. A client that disconnects cancels its generation.
+OpenAI's JSON shape with 400/401/404/413. A client that disconnects cancels its generation.
+Every request is one log line (loguru): status, session, tokens, time to first token, finish.
 """
 from __future__ import annotations
 
@@ -11,46 +12,47 @@ import argparse
 import asyncio
 import hmac
 import json
-import os
 import socket
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from loguru import logger
+from starlette.middleware import Middleware
 
-from .base import Engine, Usage, check_messages
+from .asgi import RequestLimits
+from .base import Delta, Engine, Usage, check_messages
 from .errors import AuthenticationFailed, EngineError, InvalidRequest, ModelNotFound
-from .settings import SamplingParams, add_engine_arguments, settings_from_args
+from .protocol import error_body, parse_request
+from .settings import (add_dataclass_arguments, add_engine_arguments, dataclass_from_args,
+                       settings_from_args)
 
+SERVER_ENV_PREFIX = "SERVER_"
 _END = object()
-# request field -> SamplingParams field (OpenAI names plus the extensions vLLM/LMDeploy accept)
-_SAMPLING_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
-                    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
-                    "repetition_penalty": "repetition_penalty", "stop": "stop", "seed": "seed",
-                    "ignore_eos": "ignore_eos"}
 
 
-def sampling_from_request(body: dict) -> SamplingParams:
-    """Map an OpenAI request body onto SamplingParams; bad values raise InvalidRequest naming
-    the request field."""
-    params = SamplingParams()
-    for key, attr in _SAMPLING_FIELDS.items():
-        if body.get(key) is not None:
-            setattr(params, attr, body[key])
-    try:
-        return params.validate()
-    except InvalidRequest as exc:
-        names = [k for k, v in _SAMPLING_FIELDS.items() if v == exc.param and k in body]
-        param = names[0] if names else exc.param
-        raise InvalidRequest(exc.message.replace(exc.param, param, 1), param=param) from None
+def _help(text: str) -> dict:
+    return {"help": text}
 
 
-def _error_body(exc: EngineError) -> dict:
-    return {"error": {"message": exc.message, "type": exc.kind, "param": exc.param,
-                      "code": exc.status}}
+@dataclass
+class ServerSettings:
+    host: str = field(default="127.0.0.1", metadata=_help("interface to listen on (0.0.0.0: all)"))
+    port: int = field(default=23333, metadata=_help("port"))
+    api_key: str = field(default="", metadata=_help("require 'Authorization: Bearer KEY' (empty: none)"))
+    served_model_name: str = field(default="", metadata=_help("model id in /v1/models (default: folder name)"))
+    max_body_mb: float = field(default=2.0, metadata=_help("largest request body accepted, in MB (413 above)"))
+
+    def validate(self) -> "ServerSettings":
+        if not 0 < self.port < 65536:
+            raise InvalidRequest(f"port must be in 1..65535, got {self.port}", param="port")
+        if not self.max_body_mb > 0:
+            raise InvalidRequest(f"max_body_mb must be > 0, got {self.max_body_mb}", param="max_body_mb")
+        return self
 
 
 def _usage_json(u: Usage) -> dict:
@@ -59,43 +61,62 @@ def _usage_json(u: Usage) -> dict:
             "decode_tokens_per_s": u.decode_tokens_per_s}
 
 
-async def _aiter(gen: Iterator) -> AsyncIterator:
-    """Iterate a blocking generator from async code. Each stream gets its own pump thread (not
-    the bounded default executor, where 64 streams waiting for tokens would starve each other);
-    the pump runs the generator to its end, so its cleanup always happens."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+class _Pump:
+    """Runs a blocking generator on its own thread (not the bounded default executor, where 64
+    streams waiting for tokens would starve each other) and hands its items to async code. The
+    thread runs the generator to its end, so its cleanup always happens."""
 
-    def put(item: Any) -> None:
+    def __init__(self, make: Callable[[], Iterator]):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        threading.Thread(target=self._run, args=(make,), daemon=True, name="sse-pump").start()
+
+    def _put(self, item: Any) -> None:
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
         except RuntimeError:  # the event loop is gone (server shutting down)
             pass
 
-    def pump() -> None:
+    def _run(self, make: Callable[[], Iterator]) -> None:
         try:
-            for item in gen:
-                put(item)
-            put(_END)
+            for item in make():
+                self._put(item)
+            self._put(_END)
         except BaseException as exc:  # surfaced in the request's task
-            put(exc)
+            self._put(exc)
 
-    threading.Thread(target=pump, daemon=True, name="sse-pump").start()
-    while True:
-        item = await queue.get()
-        if item is _END:
-            return
+    async def next(self) -> Any:
+        """The next item (_END at the end); raises what the generator raised."""
+        item = await self.queue.get()
         if isinstance(item, BaseException):
             raise item
-        yield item
+        return item
+
+    async def watching(self, request: Request, on_disconnect: Callable[[], Any], step: Any) -> Any:
+        """Await `step` (a coroutine); if the client hangs up meanwhile, call `on_disconnect`."""
+        task = asyncio.ensure_future(step)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=0.25)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    on_disconnect()
+                    return await task  # the generator ends soon after a cancel
+        finally:
+            if not task.done():
+                task.cancel()
 
 
-def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None) -> FastAPI:
+def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None,
+               max_body_bytes: int = int(ServerSettings.max_body_mb * 2**20)) -> FastAPI:
     name = model_name or engine.model_name
-    app = FastAPI(title="infer_engine OpenAI-compatible server")
+    app = FastAPI(title="infer_engine OpenAI-compatible server",
+                  middleware=[Middleware(RequestLimits, max_bytes=max_body_bytes)])
 
-    def error(exc: EngineError) -> JSONResponse:
-        return JSONResponse(_error_body(exc), status_code=exc.status)
+    def error(exc: EngineError, session: str = "-") -> JSONResponse:
+        logger.info("POST /v1/chat/completions {} session={} error={!r}", exc.status, session, exc.message)
+        return JSONResponse(error_body(exc), status_code=exc.status)
 
     def unauthorized(request: Request) -> JSONResponse | None:
         if not api_key:
@@ -120,81 +141,83 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
     async def chat_completions(request: Request):
         if (denied := unauthorized(request)) is not None:
             return denied
+        session_id, req = uuid.uuid4().hex, None
         try:
-            body = json.loads(await request.body() or b"null")
-        except (ValueError, UnicodeDecodeError):
-            return error(InvalidRequest("request body is not valid JSON"))
-        try:
-            if not isinstance(body, dict):
-                raise InvalidRequest("request body must be a JSON object")
-            if body.get("model") not in (None, "", name):
-                raise ModelNotFound(f"model {body['model']!r} does not exist; this server serves {name!r}",
+            req = parse_request(await request.body())
+            if req.model not in (None, "", name):
+                raise ModelNotFound(f"model {req.model!r} does not exist; this server serves {name!r}",
                                     param="model")
-            if body.get("n", 1) != 1:
+            if req.n not in (None, 1):
                 raise InvalidRequest("only n=1 is supported", param="n")
-            messages = check_messages(body.get("messages"))
-            sampling = sampling_from_request(body)
-            stream = body.get("stream", False)
-            if not isinstance(stream, bool):
-                raise InvalidRequest("stream must be a boolean", param="stream")
-            session_id = uuid.uuid4().hex
-            # stream_chat validates and may raise (e.g. context overflow) before any output
-            gen = await asyncio.to_thread(engine.stream_chat, messages, sampling, session_id)
+            messages = check_messages(req.messages)
+            sampling = req.sampling()
+            # Validation, context fit and the generation all run on the pump's thread; what
+            # fails before the first token is an HTTP error, not a broken stream.
+            pump = _Pump(lambda: engine.stream_chat(messages, sampling, session_id))
+            first = await pump.watching(request, lambda: engine.cancel(session_id), pump.next())
         except EngineError as exc:
-            return error(exc)
+            return error(req.in_request_terms(exc) if req is not None else exc, session_id)
         cid, created = f"chatcmpl-{session_id}", int(time.time())
-        if stream:
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_sse(engine, gen, session_id, cid, created, name, include_usage),
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(engine, pump, first, session_id, cid, created, name, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(engine, gen, session_id, cid, created, name, request)
+        return await _complete(engine, pump, first, session_id, cid, created, name, request)
 
     return app
 
 
-async def _complete(engine: Engine, gen: Iterator, session_id: str, cid: str, created: int,
+def _log_done(session_id: str, status: int, usage: Usage | None, stream: bool, note: str = "") -> None:
+    if usage is None:
+        logger.info("POST /v1/chat/completions {} session={} stream={} {}", status, session_id[:12],
+                    stream, note)
+        return
+    ttft = "-" if usage.ttft_s is None else f"{usage.ttft_s * 1000:.0f}ms"
+    logger.info("POST /v1/chat/completions {} session={} stream={} prompt_tokens={} completion_tokens={} "
+                "ttft={} finish={} {}", status, session_id[:12], stream, usage.prompt_tokens,
+                usage.completion_tokens, ttft, usage.finish_reason, note)
+
+
+async def _complete(engine: Engine, pump: _Pump, first: Any, session_id: str, cid: str, created: int,
                     name: str, request: Request) -> Any:
     async def collect() -> tuple[str, Usage]:
-        parts, usage = [], Usage()
-        async for delta in _aiter(gen):
-            parts.append(delta.text)
-            usage = delta.usage or usage
+        parts, usage, item = [], Usage(), first
+        while item is not _END:
+            parts.append(item.text)
+            usage = item.usage or usage
+            item = await pump.next()
         return "".join(parts), usage
 
-    task = asyncio.ensure_future(collect())
     try:
-        while not task.done():  # a client that hangs up cancels the generation
-            await asyncio.wait({task}, timeout=0.2)
-            if not task.done() and await request.is_disconnected():
-                engine.cancel(session_id)
-        text, usage = task.result()
+        text, usage = await pump.watching(request, lambda: engine.cancel(session_id), collect())
     except EngineError as exc:
-        return JSONResponse(_error_body(exc), status_code=exc.status)
-    finally:
-        if not task.done():
-            engine.cancel(session_id)
+        _log_done(session_id, exc.status, None, False, f"error={exc.message!r}")
+        return JSONResponse(error_body(exc), status_code=exc.status)
+    _log_done(session_id, 200, usage, False)
     return {"id": cid, "object": "chat.completion", "created": created, "model": name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": usage.finish_reason}],
             "usage": _usage_json(usage)}
 
 
-async def _sse(engine: Engine, gen: Iterator, session_id: str, cid: str, created: int, name: str,
-               include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+async def _sse(engine: Engine, pump: _Pump, first: Delta, session_id: str, cid: str, created: int,
+               name: str, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(delta: dict, finish: str | None = None) -> str:
         obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
-    finished = False
+    finished, usage = False, None
     try:
         yield chunk({"role": "assistant", "content": ""})
-        usage = Usage()
-        async for delta in _aiter(gen):
-            if delta.text:
-                yield chunk({"content": delta.text})
-            usage = delta.usage or usage
+        item = first
+        while item is not _END:
+            if item.text:
+                yield chunk({"content": item.text})
+            usage = item.usage or usage
+            item = await pump.next()
+        usage = usage or Usage()
         yield chunk({}, usage.finish_reason)
         if include_usage:
             obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -202,12 +225,16 @@ async def _sse(engine: Engine, gen: Iterator, session_id: str, cid: str, created
             yield f"data: {json.dumps(obj)}\n\n"
         yield "data: [DONE]\n\n"
         finished = True
-    except EngineError as exc:
-        yield f"data: {json.dumps(_error_body(exc))}\n\n"
+        _log_done(session_id, 200, usage, True)
+    except EngineError as exc:  # the generation failed mid-stream: say so, then end the stream
+        yield f"data: {json.dumps(error_body(exc))}\n\n"
+        yield "data: [DONE]\n\n"
         finished = True
+        _log_done(session_id, 200, usage, True, f"error={exc.message!r}")
     finally:
         if not finished:  # the client went away: the pump thread then drains the stream
             engine.cancel(session_id)
+            _log_done(session_id, 200, usage, True, "client disconnected")
 
 
 def free_port() -> int:
@@ -223,7 +250,8 @@ class BackgroundServer:
         import uvicorn
 
         self.host, self.port = host, port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, log_level="warning",
+                                                    access_log=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     @property
@@ -244,27 +272,37 @@ class BackgroundServer:
         self.thread.join(timeout=10)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_server_settings(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description="OpenAI-compatible server over any engine backend")
-    parser.add_argument("--host", default=os.environ.get("SERVER_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("SERVER_PORT", "23333")))
-    parser.add_argument("--api-key", default=os.environ.get("SERVER_API_KEY") or None,
-                        help="require 'Authorization: Bearer KEY' (env SERVER_API_KEY)")
-    parser.add_argument("--served-model-name", default=None, help="model id shown in /v1/models")
+    add_dataclass_arguments(parser, ServerSettings, SERVER_ENV_PREFIX, "server")
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
-    settings = settings_from_args(args)
+    server = dataclass_from_args(ServerSettings, args, None, SERVER_ENV_PREFIX).validate()
+    return server, settings_from_args(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import sys
 
     import uvicorn
 
     from .factory import create_engine
-    engine = create_engine(settings)
     try:
-        uvicorn.run(create_app(engine, args.api_key, args.served_model_name), host=args.host,
-                    port=args.port, log_level="info")
+        server, settings = parse_server_settings(argv)
+        engine = create_engine(settings)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        app = create_app(engine, server.api_key or None, server.served_model_name or None,
+                         int(server.max_body_mb * 2**20))
+        logger.info("serving {} ({}) on http://{}:{}/v1", engine.model_name, settings.backend,
+                    server.host, server.port)
+        uvicorn.run(app, host=server.host, port=server.port, log_level="info", access_log=False)
     finally:
         engine.close()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from .errors import InvalidRequest
+from .sources import DEFAULT_CACHE, SOURCES
 
 ENV_PREFIX = "ENGINE_"
-BACKENDS = ("transformers", "turbomind", "pytorch", "api")
+BACKENDS = ("transformers", "turbomind", "pytorch", "api", "synthetic")
 
 
 def _help(text: str, **kw: Any) -> dict:
@@ -46,8 +47,21 @@ class ApiSettings:
 
 
 @dataclass
+class SyntheticSettings:
+    tokens_per_s: float = field(default=100.0, metadata=_help(
+        "synthetic backend (tests, benchmarks; no model): tokens per second per stream, 0 = unpaced"))
+    reply_tokens: int = field(default=0, metadata=_help(
+        "synthetic backend: reply length in tokens (0: echo the question, then end the turn)"))
+    model_name: str = field(default="synthetic", metadata=_help("synthetic backend: model name shown"))
+
+
+@dataclass
 class EngineSettings:
-    model_path: str = field(default="", metadata=_help("local model folder or hub id"))
+    model_path: str = field(default="", metadata=_help(
+        "local folder, openxlab://owner/repo, modelscope://owner/name, hf://owner/name, or a hub id"))
+    model_source: str = field(default="huggingface", metadata=_help(
+        "where a bare model id (not a folder) is downloaded from", choices=SOURCES[1:]))
+    cache_dir: str = field(default=DEFAULT_CACHE, metadata=_help("download cache for models"))
     backend: str = field(default="transformers", metadata=_help("inference backend", choices=BACKENDS))
     dtype: str = field(default="auto", metadata=_help(
         "weights dtype", choices=("auto", "float32", "float16", "bfloat16")))
@@ -58,12 +72,13 @@ class EngineSettings:
     adapter_path: str = field(default="", metadata=_help("LoRA adapter folder served unmerged (transformers)"))
     lmdeploy: LMDeploySettings = field(default_factory=LMDeploySettings)
     api: ApiSettings = field(default_factory=ApiSettings)
+    synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
 
     def validate(self) -> "EngineSettings":
         if self.backend not in BACKENDS:
             raise InvalidRequest(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}",
                                  param="backend")
-        if self.backend != "api" and not self.model_path:
+        if self.backend not in ("api", "synthetic") and not self.model_path:
             raise InvalidRequest("model_path is required for the %s backend" % self.backend,
                                  param="model_path")
         if self.session_len < 16:
@@ -74,6 +89,17 @@ class EngineSettings:
             raise InvalidRequest("lmdeploy.cache_max_entry_count must be in (0, 1]",
                                  param="lmdeploy.cache_max_entry_count")
         return self
+
+
+# Bounds on what one request may ask for, so that no request makes the engine do unbounded
+# work (every stop string is matched against every generated character).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+# Temperatures between 0 (greedy) and this are refused: dividing logits by 1e-300 gives
+# inf/nan in the sampler (vLLM treats the same range as greedy). Likewise a repetition
+# penalty below MIN_PENALTY divides logits by almost zero.
+MIN_TEMPERATURE = 1e-5
+MIN_PENALTY = 0.01
 
 
 @dataclass
@@ -89,7 +115,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     def validate(self) -> "SamplingParams":
         def bad(name: str, rule: str) -> InvalidRequest:
@@ -98,23 +124,43 @@ class SamplingParams:
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) \
                 or self.max_new_tokens < 1:
             raise bad("max_new_tokens", "an integer >= 1")
-        if not _is_num(self.temperature) or not 0 <= self.temperature <= 2:
-            raise bad("temperature", "a number in [0, 2]")
+        if not _is_num(self.temperature) or not (self.temperature == 0 or
+                                                  MIN_TEMPERATURE <= self.temperature <= 2):
+            raise bad("temperature", f"0 (greedy) or a number in [{MIN_TEMPERATURE:g}, 2]")
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "a number in (0, 1]")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
             raise bad("top_k", "an integer >= 0 (0 disables it)")
-        if not _is_num(self.repetition_penalty) or not 0 < self.repetition_penalty <= 10:
-            raise bad("repetition_penalty", "a number in (0, 10]")
+        if not _is_num(self.repetition_penalty) or not MIN_PENALTY <= self.repetition_penalty <= 10:
+            raise bad("repetition_penalty", f"a number in [{MIN_PENALTY:g}, 10]")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not isinstance(self.stop, (list, tuple)) or len(self.stop) > 16 or \
-                not all(isinstance(s, str) and s for s in self.stop):
-            raise bad("stop", "a list of at most 16 non-empty strings")
+        if not isinstance(self.stop, (list, tuple)) or len(self.stop) > MAX_STOP_STRINGS or \
+                not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in self.stop):
+            raise InvalidRequest(f"stop must be a list of at most {MAX_STOP_STRINGS} non-empty strings "
+                                 f"of at most {MAX_STOP_CHARS} characters each", param="stop")
+        self.stop = [check_text(s, f"stop[{i}]") for i, s in enumerate(self.stop)]
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed < 2**63):
             raise bad("seed", "a non-negative integer")
+        # backends check isinstance(..., float): an int temperature of 2 is refused by transformers
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        self.repetition_penalty = float(self.repetition_penalty)
         return self
+
+
+def check_text(value: Any, where: str) -> str:
+    """A str that encodes as UTF-8: JSON lets clients send lone surrogates such as "\\ud800",
+    which no tokenizer, JSON encoder or HTTP client takes."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{where} must be a string", param=where)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{where} is not valid Unicode text: a lone surrogate "
+                             f"\\u{ord(value[exc.start]):04x} at character {exc.start}",
+                             param=where) from None
+    return value
 
 
 def _is_num(v: Any) -> bool:

@@ -11,13 +11,13 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .base import (Delta, Engine, Message, SessionRegistry, StopStringFilter, UsageMeter,
-                   check_messages)
+from .base import Engine, Generation, Piece
 from .errors import EngineError
 from .prompts import ChatPrompt
-from .settings import EngineSettings, SamplingParams
+from .settings import EngineSettings
 
-_DONE = object()
+_DONE = object()       # the worker has finished
+_CANCELLED = object()  # cancel() woke the consumer; the worker stops within one step
 
 
 class IncrementalDecoder:
@@ -48,18 +48,13 @@ class IncrementalDecoder:
 class _Run:
     """One generation's shared state between the worker thread and the consuming generator."""
 
-    def __init__(self, tokenizer: Any, stop: Sequence[str], eos_ids: set[int], prompt_tokens: int):
+    def __init__(self, tokenizer: Any, eos_ids: set[int]):
         self.queue: queue.Queue = queue.Queue()
-        self.cancelled = threading.Event()
+        self.stopped = threading.Event()  # cancelled, or the consumer went away
         self.decoder = IncrementalDecoder(tokenizer)
-        self.stop_filter = StopStringFilter(stop)
         self.eos_ids = eos_ids
-        self.meter = UsageMeter(prompt_tokens=prompt_tokens)
+        self.tokens = 0
         self.hit_eos = False
-        self.started = threading.Event()  # holds the model lock
-
-    def should_stop(self) -> bool:
-        return self.cancelled.is_set() or self.stop_filter.stopped
 
 
 class _Streamer:
@@ -74,15 +69,13 @@ class _Streamer:
             return
         ids = [int(t) for t in value.reshape(-1).tolist()]
         run = self.run
-        if run.should_stop():
+        if run.stopped.is_set():
             return
         if ids and ids[-1] in run.eos_ids:
             run.hit_eos = True
             ids = ids[:-1]
-        run.meter.tokens_out(run.meter.tokens + len(ids))  # the end-of-turn token is not counted
-        text = run.stop_filter.feed(run.decoder.add(ids)) if ids else ""
-        if text:
-            run.queue.put(text)
+        run.tokens += len(ids)  # the end-of-turn token is not counted
+        run.queue.put(Piece(run.decoder.add(ids) if ids else "", completion_tokens=run.tokens))
 
     def end(self) -> None:
         pass
@@ -93,7 +86,9 @@ class TransformersEngine(Engine):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        super().__init__()
         self.settings = settings
+        self.session_len = settings.session_len
         self.model_name = Path(settings.model_path).name or settings.model_path
         self.device = settings.device if settings.device != "auto" else (
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -115,49 +110,37 @@ class TransformersEngine(Engine):
         self.eos_ids = set(gen_eos) | set(self.prompt.stop_token_ids)
         self._torch = torch
         self._lock = threading.Lock()       # one generate() at a time
-        self._runs: SessionRegistry[_Run] = SessionRegistry()
 
-    def stream_chat(self, messages: Sequence[Message], sampling: SamplingParams | None = None,
-                    session_id: str = "default") -> Iterator[Delta]:
-        sampling = (sampling or SamplingParams()).validate()
-        msgs, ids = self.prompt.fit(check_messages(messages), self.settings.session_len,
-                                    sampling.max_new_tokens)
-        run = self._runs.add(session_id, _Run(self.tokenizer, sampling.stop, self.eos_ids, len(ids)))
-        return self._consume(run, ids, sampling, session_id)
-
-    def _consume(self, run: _Run, ids: list[int], sampling: SamplingParams,
-                 session_id: str) -> Iterator[Delta]:
-        worker = threading.Thread(target=self._generate, args=(run, ids, sampling), daemon=True,
-                                  name=f"generate-{session_id}")
+    def generate(self, gen: Generation) -> Iterator[Piece]:
+        run = _Run(self.tokenizer, self.eos_ids)
+        gen.on_cancel(lambda: (run.stopped.set(), run.queue.put(_CANCELLED)))
+        worker = threading.Thread(target=self._work, args=(run, gen), daemon=True,
+                                  name=f"generate-{gen.session_id}")
         worker.start()
         try:
             while True:
                 item = run.queue.get()
+                if item is _CANCELLED:
+                    break
                 if item is _DONE:
+                    worker.join()  # it is on its last line
                     break
                 if isinstance(item, BaseException):
                     raise item
-                yield Delta(item)
-            if run.cancelled.is_set():
-                reason = "cancelled"
-            elif run.stop_filter.stopped or run.hit_eos:
-                reason = "stop"
-            else:
-                reason = "length"
-            yield Delta("", run.meter.usage(reason))
+                yield item
+            if not run.stopped.is_set():
+                yield Piece(run.decoder.flush(), completion_tokens=run.tokens,
+                            finish_reason="stop" if run.hit_eos else "length")
         finally:
-            run.cancelled.set()  # a consumer that stops reading stops the generation
-            if run.started.is_set():
-                worker.join()  # stops within one decoding step once cancelled
-            self._runs.remove(session_id, run)
+            run.stopped.set()  # a consumer that stops reading stops the generation (within a step)
 
-    def _generate(self, run: _Run, ids: list[int], sampling: SamplingParams) -> None:
-        torch = self._torch
+    def _work(self, run: _Run, gen: Generation) -> None:
+        torch, sampling = self._torch, gen.sampling
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         class _Stop(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
-                return torch.full((input_ids.shape[0],), run.should_stop(), dtype=torch.bool,
+                return torch.full((input_ids.shape[0],), run.stopped.is_set(), dtype=torch.bool,
                                   device=input_ids.device)
 
         kwargs: dict[str, Any] = dict(
@@ -171,38 +154,23 @@ class TransformersEngine(Engine):
             kwargs["min_new_tokens"] = sampling.max_new_tokens
         try:
             with self._lock:
-                if run.cancelled.is_set():
+                if run.stopped.is_set():
                     return
-                run.started.set()
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
-                input_ids = torch.tensor([ids], device=self.device)
+                input_ids = torch.tensor([gen.prompt_ids], device=self.device)
                 with torch.inference_mode():
                     self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                         streamer=_Streamer(run),
                                         stopping_criteria=StoppingCriteriaList([_Stop()]), **kwargs)
-                if not run.should_stop():
-                    tail = run.stop_filter.feed(run.decoder.flush()) + run.stop_filter.flush()
-                    if tail:
-                        run.queue.put(tail)
         except Exception as exc:  # surfaced to the caller as a readable error
             oom = "out of memory" in str(exc).lower()
             run.queue.put(EngineError(("out of memory: " if oom else "generation failed: ") + str(exc)))
         finally:
             run.queue.put(_DONE)
 
-    def cancel(self, session_id: str) -> bool:
-        run = self._runs.get(session_id)
-        if run is None:
-            return False
-        run.cancelled.set()
-        run.queue.put(_DONE)  # wakes a consumer whose run is still waiting for the lock
-        return True
-
     def close(self) -> None:
-        for _, run in self._runs.items():
-            run.cancelled.set()
+        self.cancel_all()
         self.model = None
         if self._torch.cuda.is_available():
             self._torch.cuda.empty_cache()
-

@@ -52,3 +52,36 @@ def open_engine(name: str, model: str, session_len: int = 8192) -> Iterator[Engi
         with create_engine(s) as engine:
             engine.served = served  # the engine behind the server, for server-side checks
             yield engine
+
+
+def synthetic(tokens_per_s: float = 0, reply_tokens: int = 0, name: str = "synthetic") -> Engine:
+    """The model-free engine: 'You said: <question>' (then filler words up to reply_tokens)."""
+    s = EngineSettings(backend="synthetic")
+    s.synthetic.tokens_per_s, s.synthetic.reply_tokens, s.synthetic.model_name = tokens_per_s, reply_tokens, name
+    return create_engine(s)
+
+
+class Recorder(Engine):
+    """Runs another engine's generations through the Engine protocol and notes how each
+    session's last stream ended: (finish reason, completion tokens)."""
+
+    def __init__(self, inner: Engine):
+        super().__init__()
+        self.inner, self.model_name, self.finished = inner, inner.model_name, {}
+        self.prompt, self.session_len = inner.prompt, inner.session_len
+
+    def generate(self, gen):
+        return self.inner.generate(gen)
+
+    def stream_chat(self, messages, sampling=None, session_id="default"):
+        stream = super().stream_chat(messages, sampling, session_id)
+
+        def recorded():
+            for d in stream:
+                if d.usage:
+                    self.finished[session_id] = (d.usage.finish_reason, d.usage.completion_tokens)
+                yield d
+        return recorded()
+
+    def close(self):
+        self.inner.close()

@@ -110,3 +110,74 @@ def test_auto_falls_back_to_the_architectures_named_template(tok):
 def test_unknown_template_is_a_clear_error(tok):
     with pytest.raises(InvalidRequest, match="chat_template must be 'auto' or one of internlm2_chat"):
         ChatPrompt(tok, "nonsense")
+
+
+class CountingEncoder:
+    """Wraps one of ChatPrompt's tokenizers and counts the characters it is given."""
+
+    def __init__(self, enc):
+        self.enc, self.chars = enc, 0
+
+    def encode_batch(self, texts, **kw):
+        self.chars += sum(map(len, texts))
+        return self.enc.encode_batch(texts, **kw)
+
+
+def conversation(turns: int) -> list[dict]:
+    msgs = [{"role": "system", "content": "SYS"}]
+    for i in range(turns):
+        msgs += [{"role": "user", "content": f"question {i} " + "word " * 40},
+                 {"role": "assistant", "content": "answer " * 40}]
+    return msgs + [{"role": "user", "content": "final"}]
+
+
+def test_fit_work_does_not_grow_with_the_history(tok):
+    """Dropping old turns used to re-encode the whole conversation per dropped turn (800 turns:
+    31 s of CPU). Now what is tokenized is bounded by the context, whatever the history."""
+    p = ChatPrompt(tok, "auto")
+    bound = 4096 * p.max_token_chars  # more characters than this can never fit in 4096 tokens
+    for n in (100, 200, 400, 800, 3200):
+        p._fast = {k: CountingEncoder(v) for k, v in ChatPrompt(tok, "auto")._fast.items()}
+        kept, ids = p.fit(conversation(n), session_len=4096, max_new_tokens=512)
+        assert len(ids) <= 4096 - 512 and kept[-1]["content"] == "final"
+        one_more = conversation(n)[:1] + conversation(n)[-(len(kept) + 1):]  # one turn less dropped
+        assert len(p.encode(one_more)) > 4096 - 512
+        tokenized = sum(e.chars for e in p._fast.values())
+        kept_chars = sum(len(m["content"]) for m in kept)
+        assert tokenized <= bound + 4 * kept_chars, (n, tokenized)
+        if sum(len(m["content"]) for m in conversation(n)) > bound:  # dropped turns: never tokenized
+            assert tokenized <= 4 * kept_chars, (n, tokenized)
+
+
+def test_overflow_blames_the_system_prompt_when_that_is_what_is_too_long(tok):
+    p = ChatPrompt(tok, "auto")
+    msgs = [{"role": "system", "content": "rule " * 200}, {"role": "user", "content": "hi"}]
+    with pytest.raises(ContextOverflow, match="^the system prompt is .* tokens; with max_new_tokens 32"):
+        p.fit(msgs, session_len=128, max_new_tokens=32)
+    with pytest.raises(ContextOverflow, match="^the last message is .*plus the system prompt"):
+        p.fit([{"role": "system", "content": "short"}, {"role": "user", "content": "word " * 200}], 128, 32)
+    with pytest.raises(ContextOverflow, match="max_new_tokens 128 leaves no room") as err:
+        p.fit([{"role": "user", "content": "hi"}], 128, 128)
+    assert err.value.param == "max_new_tokens"
+
+
+def test_text_longer_than_any_tokenization_is_refused_without_tokenizing(tok):
+    p = ChatPrompt(tok, "auto")
+    p._fast = {k: CountingEncoder(v) for k, v in p._fast.items()}
+    huge = "x" * (4096 * p.max_token_chars + 1)
+    with pytest.raises(ContextOverflow, match=f"the last message is {len(huge)} characters"):
+        p.fit([{"role": "user", "content": huge}], 4096, 512)
+    assert sum(e.chars for e in p._fast.values()) == 0
+
+
+def test_the_lock_free_encoders_match_the_tokenizer(tok):
+    import random
+
+    p = ChatPrompt(tok, "auto")
+    rnd = random.Random(0)
+    alphabet = list("ab 你好\n\t") + ["<|im_start|>", "<|im_end|>", "<s>", "</s>", "😀", "é"]
+    for _ in range(300):
+        text = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 30)))
+        for trusted in (True, False):
+            assert p._fast[trusted].encode_batch([text], add_special_tokens=False)[0].ids == \
+                tok.encode(text, add_special_tokens=False, split_special_tokens=not trusted)

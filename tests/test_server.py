@@ -8,10 +8,10 @@ import time
 import openai
 import pytest
 
-from infer_engine.server import BackgroundServer
 from engines import local_settings
-from infer_engine import create_engine
-from infer_engine.server import create_app
+from infer_engine import EngineError, create_engine
+from infer_engine.server import BackgroundServer, create_app
+from infer_engine.synthetic_backend import SyntheticEngine
 
 KEY = "sk-server-test"
 
@@ -67,12 +67,49 @@ def raw(served, body, headers=None, path="/v1/chat/completions", method="POST"):
     ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
     ({"messages": [{"role": "user", "content": "word " * 9000}]}, "messages"),
+    # what used to be a plain-text 500
+    (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),
+    (b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": "x"}, "stream_options"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stream_options": [1]}, "stream_options"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 1e-300}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 1e-300}, "repetition_penalty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a" * 30_000]}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [f"s{i}" for i in range(17)]}, "stop"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["x\ud800"]}, "stop[0]"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**30}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": "5"}, "top_k"),
+    ({"messages": "hi"}, "messages"),
+    ({}, "messages"),
 ])
 def test_bad_requests_get_400_with_openai_error_body(served, body, param):
     status, payload = raw(served, body)
-    assert status == 400
+    assert status == 400, payload
     err = payload["error"]
     assert err["type"] == "invalid_request_error" and err["message"] and err["param"] == param
+    assert served[0].running_sessions() == []
+
+
+def test_n_null_is_n_one(served):
+    status, payload = raw(served, {"messages": MSGS, "n": None, "max_tokens": 2})
+    assert status == 200 and len(payload["choices"]) == 1
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_oversized_bodies_get_413_and_are_never_held(served, chunked):
+    body = json.dumps({"messages": [{"role": "user", "content": "x" * (20 * 2**20)}]}).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", served[1].port, timeout=60)
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    if chunked:
+        conn.request("POST", "/v1/chat/completions", headers=headers, encode_chunked=True,
+                     body=(body[i:i + 2**16] for i in range(0, len(body), 2**16)))
+    else:
+        conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+    resp = conn.getresponse()
+    payload = json.loads(resp.read())
+    assert resp.status == 413 and payload["error"]["message"] == "request body too large: the limit is 2 MB"
+    status, _ = raw(served, {"messages": MSGS, "max_tokens": 2})  # and the server goes on
+    assert status == 200
 
 
 def test_official_client_sees_bad_request_error(client):
@@ -95,10 +132,49 @@ def test_api_key_is_required(served, auth):
 def _wait_until_idle(engine, seconds: float) -> bool:
     deadline = time.time() + seconds
     while time.time() < deadline:
-        if not engine._runs:
+        if not engine.running_sessions():
             return True
         time.sleep(0.02)
     return False
+
+
+class FailingEngine(SyntheticEngine):
+    """Fails after two words, as a backend whose generation breaks (out of memory, ...)."""
+
+    def generate(self, gen):
+        for i, piece in enumerate(super().generate(gen)):
+            if i == 3:
+                raise EngineError("generation failed: CUDA error: an illegal memory access")
+            yield piece
+
+
+def test_a_failing_stream_sends_an_error_event_then_done():
+    with FailingEngine() as engine, BackgroundServer(create_app(engine)) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(
+            {"messages": [{"role": "user", "content": "one two three"}], "stream": True}),
+            headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        events = [ln for ln in resp.read().decode().splitlines() if ln.startswith("data: ")]
+        assert resp.status == 200
+        assert json.loads(events[-2][6:])["error"]["message"].startswith("generation failed")
+        assert events[-1] == "data: [DONE]"
+        assert engine.running_sessions() == []
+
+
+def test_each_request_is_one_log_line(served):
+    from loguru import logger
+
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="INFO")
+    try:
+        raw(served, {"messages": MSGS, "max_tokens": 3, "ignore_eos": True, "temperature": 0})
+        raw(served, {"messages": MSGS, "temperature": 9})
+    finally:
+        logger.remove(sink)
+    ok, bad = [ln for ln in lines if "/v1/chat/completions" in ln]
+    assert " 200 " in ok and "completion_tokens=3" in ok and "finish=length" in ok and "ttft=" in ok
+    assert " 400 " in bad and "temperature must be" in bad
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -114,9 +190,9 @@ def test_client_disconnect_cancels_generation(served, stream):
         assert resp.status == 200 and resp.readline().startswith(b"data: ")
     else:
         deadline = time.time() + 5
-        while not engine._runs and time.time() < deadline:
+        while not engine.running_sessions() and time.time() < deadline:
             time.sleep(0.01)
-    assert engine._runs, "generation should be running"
+    assert engine.running_sessions(), "generation should be running"
     conn.sock.close()  # hang up mid-generation (3000 tokens take several seconds here)
     conn.close()
     assert _wait_until_idle(engine, 1.5), "generation still running after the client left"

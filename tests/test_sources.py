@@ -85,3 +85,19 @@ def test_modelscope_missing_package_is_clear(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "modelscope", None)  # as if not installed
     with pytest.raises(ModelSourceError, match="modelscope: the `modelscope` package is not installed"):
         resolve_model("modelscope://a/b", cache_dir=str(tmp_path))
+
+
+def test_the_engine_fetches_hub_models_for_every_entry_point(git_server, tmp_path):
+    """Model resolution lives in create_engine: the server and the terminal chat take
+    openxlab:// (modelscope://, hf://) as the app does."""
+    from conftest import ROOT
+    from infer_engine import EngineSettings, SamplingParams, create_engine
+
+    cache = tmp_path / "cache"
+    with create_engine(EngineSettings(model_path="openxlab://owner/tiny", cache_dir=str(cache))) as engine:
+        assert engine.chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=2))[1].completion_tokens
+    assert (cache / "openxlab/owner/tiny/model.safetensors").exists()
+    r = subprocess.run([sys.executable, "-m", "infer_engine.chat", "openxlab://owner/tiny", "--cache-dir",
+                        str(tmp_path / "cache2")], cwd=ROOT, input="/exit\n", capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "chatting with tiny (transformers)" in r.stdout, r.stderr

@@ -45,7 +45,9 @@ def test_lora_adapter_is_served_unmerged(tiny_model, adapter):
 
 def test_seeded_sampling_is_reproducible(tiny_model):
     with create_engine(EngineSettings(model_path=str(tiny_model))) as eng:
-        sp = SamplingParams(max_new_tokens=32, temperature=1.0, top_p=0.95, top_k=0, seed=1234)
+        # ignore_eos: two different seeds must not both happen to sample the end token first
+        sp = SamplingParams(max_new_tokens=32, temperature=1.0, top_p=0.95, top_k=0, seed=1234, ignore_eos=True)
         a, b = eng.chat(MSGS, sp)[0], eng.chat(MSGS, sp)[0]
-        c = eng.chat(MSGS, SamplingParams(max_new_tokens=32, temperature=1.0, top_p=0.95, seed=99))[0]
+        c = eng.chat(MSGS, SamplingParams(max_new_tokens=32, temperature=1.0, top_p=0.95, seed=99,
+                                          ignore_eos=True))[0]
     assert a == b and a != c

@@ -1,0 +1,53 @@
+"""A model-free engine for the app's tests and load benchmarks: it answers every question with
+a fixed-shape reply at a fixed pace, so what is measured or asserted is the app and the server,
+never a model's sampling.
+
+    python app.py --backend synthetic --synthetic-tokens-per-s 100 --synthetic-reply-tokens 150
+
+The reply echoes the last user message ("You said: ..."), then, with `reply_tokens`, goes on
+with numbered filler words up to that many tokens (a token is one word here). It honours
+max_new_tokens, stop strings, ignore_eos and cancel like every backend (the protocol is
+Engine's); it has no context window (nothing is tokenized).
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from .base import Engine, Generation, Piece
+from .settings import EngineSettings
+
+
+class SyntheticEngine(Engine):
+    def __init__(self, settings: EngineSettings | None = None):
+        super().__init__()
+        self.settings = (settings or EngineSettings(backend="synthetic")).synthetic
+        self.model_name = self.settings.model_name
+
+    def reply_words(self, gen: Generation) -> Iterator[str]:
+        question = gen.messages[-1]["content"]
+        words = ["You", " said:"] + [" " + w for w in question.split()]
+        yield from words
+        n = len(words)
+        target = gen.sampling.max_new_tokens if gen.sampling.ignore_eos else self.settings.reply_tokens
+        while n < target:
+            n += 1
+            yield f" w{n}"
+
+    def generate(self, gen: Generation) -> Iterator[Piece]:
+        tps, limit = self.settings.tokens_per_s, gen.sampling.max_new_tokens
+        start, count = time.perf_counter(), 0
+        yield Piece("", prompt_tokens=sum(len(m["content"].split()) for m in gen.messages))
+        for word in self.reply_words(gen):
+            if count == limit:
+                yield Piece("", completion_tokens=count, finish_reason="length")
+                return
+            if tps > 0:  # token i is due at start + i / tps: no drift, whatever the load
+                delay = start + (count + 1) / tps - time.perf_counter()
+                if delay > 0 and gen.cancelled.wait(delay):
+                    return
+            elif gen.cancelled.is_set():
+                return
+            count += 1
+            yield Piece(word, completion_tokens=count)
+        yield Piece("", completion_tokens=count, finish_reason="stop")

@@ -1,0 +1,39 @@
+"""The terminal chat, driven through its stdin as a person types: errors are one line and the
+chat goes on; it takes the tutorials' habits (`xtuner chat MODEL --prompt-template NAME`)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import ROOT
+from infer_engine.server import free_port
+
+
+def chat(*args: str, stdin: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "infer_engine.chat", *args], cwd=ROOT, input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_too_long_message_is_an_error_line_and_the_chat_goes_on(tiny_model):
+    r = chat(str(tiny_model), "--prompt-template", "internlm2_chat", "--session-len", "128",
+             "--max-new-tokens", "4", "--temperature", "0",
+             stdin="word " * 300 + "\nhello\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert f"chatting with {tiny_model.name} (transformers)" in r.stdout
+    assert "error: the last message is 1200 tokens" in r.stdout
+    assert "[4 tokens" in r.stdout  # the next message was answered
+    assert "Traceback" not in r.stderr
+
+
+def test_a_backend_that_is_down_is_an_error_line_not_a_traceback():
+    r = chat("--backend", "api", "--api-base-url", f"http://127.0.0.1:{free_port()}/v1",
+             "--api-max-retries", "0", stdin="hello\nagain\n/exit\n")
+    assert r.returncode == 0
+    assert r.stdout.count("error: api: http://127.0.0.1") == 2  # both messages, one line each
+    assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_an_unknown_prompt_template_is_refused_in_one_line(tiny_model):
+    r = chat(str(tiny_model), "--prompt-template", "nonsense", stdin="")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("error: chat_template must be 'auto' or one of")
