@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT, load_script
 from infer_engine import EngineSettings, SamplingParams, create_engine
 
+pytestmark = pytest.mark.slow
 TRAIN_PY = ROOT / ".venv-train" / "bin" / "python"
 NAME = "小测"
 
