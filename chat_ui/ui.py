@@ -237,7 +237,9 @@ class ChatUI:
     def build(self) -> gr.Blocks:
         s = self.settings
         gen = dict(concurrency_limit=s.concurrency, concurrency_id="generate")
-        with gr.Blocks(title=s.title, analytics_enabled=False) as demo:
+        # No analytics calls from a public deployment; Gradio's cache (nothing lands there
+        # while uploads are refused) is swept hourly of files older than an hour.
+        with gr.Blocks(title=s.title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
             gr.Markdown(f"## {s.title}")
             with gr.Accordion("Generation settings", open=False):
                 system = gr.Textbox(s.system_prompt, label="System prompt", lines=2,
