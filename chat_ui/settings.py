@@ -34,7 +34,10 @@ class AppSettings:
     compare_api_base_url: str = field(default="", metadata=_help(
         "with --backend api: the server of the compare model (default: --api-base-url)"))
     compare_label: str = field(default="", metadata=_help("name shown for the compare model"))
-    concurrency: int = field(default=8, metadata=_help("generations running at once"))
+    concurrency: int = field(default=0, metadata=_help(
+        "replies generated at once; 0: what the backend runs at once (LMDeploy: its batch size)"))
+    max_updates_per_s: float = field(default=500.0, metadata=_help(
+        "streamed chat updates per second for all users together (each costs a page render)"))
     queue_size: int = field(default=64, metadata=_help("requests waiting at most; more are refused"))
     max_input_chars: int = field(default=4000, metadata=_help("longest message accepted"))
     max_new_tokens: int = field(default=SamplingParams.max_new_tokens,
@@ -44,9 +47,11 @@ class AppSettings:
     auth: str = field(default="", metadata=_help("require login: user:pass[,user2:pass2]"))
 
     def validate(self) -> "AppSettings":
-        for name in ("port", "concurrency", "queue_size", "max_input_chars", "max_new_tokens"):
+        for name in ("port", "queue_size", "max_input_chars", "max_new_tokens", "max_updates_per_s"):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be >= 1, got {getattr(self, name)}", param=name)
+        if self.concurrency < 0:
+            raise InvalidRequest(f"concurrency must be >= 0, got {self.concurrency}", param="concurrency")
         if not 0 <= self.temperature <= 2:
             raise InvalidRequest(f"temperature must be in [0, 2], got {self.temperature}", param="temperature")
         self.auth_pairs()

@@ -31,6 +31,7 @@ class ApiEngine(Engine):
         self.client = OpenAI(base_url=self.settings.base_url, api_key=self.settings.api_key or "EMPTY",
                              timeout=self.settings.timeout, max_retries=0)
         self._model = self.settings.model
+        self.max_concurrency = 128  # the remote server batches; it answers 5xx when full
 
     @property
     def model_name(self) -> str:

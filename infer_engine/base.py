@@ -270,6 +270,7 @@ class Engine(abc.ABC):
     model_name: str = "model"
     prompt: Any = None
     session_len: int = 0
+    max_concurrency: int = 1  # generations it runs at once (what the app lets run together)
 
     def __init__(self) -> None:
         self._sessions: SessionRegistry[Generation] = SessionRegistry()
@@ -283,12 +284,21 @@ class Engine(abc.ABC):
                     session_id: str = "default") -> Iterator[Delta]:
         """Yield text deltas; the last Delta carries Usage. Bad input raises EngineError
         subclasses here, at the call; the session is taken on the first `next()`."""
+        return self._stream(self._prepare(messages, sampling, session_id))
+
+    def check(self, messages: Sequence[Message], sampling: SamplingParams | None = None) -> None:
+        """Raise what `stream_chat` would raise for this request (bad input, too long for the
+        context) without generating anything."""
+        self._prepare(messages, sampling, "")
+
+    def _prepare(self, messages: Sequence[Message], sampling: SamplingParams | None,
+                 session_id: str) -> Generation:
         sampling = (sampling or SamplingParams()).validate()
         msgs = check_messages(messages)
         ids = None
         if self.prompt is not None:
             msgs, ids = self.prompt.fit(msgs, self.session_len, sampling.max_new_tokens)
-        return self._stream(Generation(session_id, msgs, ids, sampling))
+        return Generation(session_id, msgs, ids, sampling)
 
     def _stream(self, gen: Generation) -> Iterator[Delta]:
         self._sessions.add(gen.session_id, gen)

@@ -64,6 +64,8 @@ class LMDeployEngine(Engine):
         self.prompt = ChatPrompt.from_pretrained(settings.model_path, settings.chat_template)
         self.pipe = pipeline(settings.model_path, backend_config=backend_config(settings),
                              log_level="WARNING", **(pipeline_kwargs or {}))
+        # continuous batching: as many as LMDeploy batches (its default is 128 on these GPUs)
+        self.max_concurrency = settings.lmdeploy.max_batch_size or 128
 
     def generate(self, gen: Generation) -> Iterator[Piece]:
         session = self.pipe.session()

@@ -17,13 +17,14 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from loguru import logger
 from starlette.middleware import Middleware
 
+from .aio import ThreadedStream
 from .asgi import RequestLimits
 from .base import Delta, Engine, Usage, check_messages
 from .errors import AuthenticationFailed, EngineError, InvalidRequest, ModelNotFound
@@ -32,7 +33,6 @@ from .settings import (add_dataclass_arguments, add_engine_arguments, dataclass_
                        settings_from_args)
 
 SERVER_ENV_PREFIX = "SERVER_"
-_END = object()
 
 
 def _help(text: str) -> dict:
@@ -61,51 +61,20 @@ def _usage_json(u: Usage) -> dict:
             "decode_tokens_per_s": u.decode_tokens_per_s}
 
 
-class _Pump:
-    """Runs a blocking generator on its own thread (not the bounded default executor, where 64
-    streams waiting for tokens would starve each other) and hands its items to async code. The
-    thread runs the generator to its end, so its cleanup always happens."""
-
-    def __init__(self, make: Callable[[], Iterator]):
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        threading.Thread(target=self._run, args=(make,), daemon=True, name="sse-pump").start()
-
-    def _put(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            pass
-
-    def _run(self, make: Callable[[], Iterator]) -> None:
-        try:
-            for item in make():
-                self._put(item)
-            self._put(_END)
-        except BaseException as exc:  # surfaced in the request's task
-            self._put(exc)
-
-    async def next(self) -> Any:
-        """The next item (_END at the end); raises what the generator raised."""
-        item = await self.queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def watching(self, request: Request, on_disconnect: Callable[[], Any], step: Any) -> Any:
-        """Await `step` (a coroutine); if the client hangs up meanwhile, call `on_disconnect`."""
-        task = asyncio.ensure_future(step)
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=0.25)
-                if done:
-                    return task.result()
-                if await request.is_disconnected():
-                    on_disconnect()
-                    return await task  # the generator ends soon after a cancel
-        finally:
-            if not task.done():
-                task.cancel()
+async def _watching(request: Request, on_disconnect: Callable[[], Any], step: Any) -> Any:
+    """Await `step` (a coroutine); if the client hangs up meanwhile, call `on_disconnect`."""
+    task = asyncio.ensure_future(step)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.25)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                on_disconnect()
+                return await task  # the stream ends soon after a cancel
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None,
@@ -151,19 +120,19 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
                 raise InvalidRequest("only n=1 is supported", param="n")
             messages = check_messages(req.messages)
             sampling = req.sampling()
-            # Validation, context fit and the generation all run on the pump's thread; what
-            # fails before the first token is an HTTP error, not a broken stream.
-            pump = _Pump(lambda: engine.stream_chat(messages, sampling, session_id))
-            first = await pump.watching(request, lambda: engine.cancel(session_id), pump.next())
+            # Validation, context fit and the generation all run on the stream's own thread;
+            # what fails before the first token is an HTTP error, not a broken stream.
+            stream = ThreadedStream(lambda: engine.stream_chat(messages, sampling, session_id))
+            first = await _watching(request, lambda: engine.cancel(session_id), stream.take())
         except EngineError as exc:
             return error(req.in_request_terms(exc) if req is not None else exc, session_id)
         cid, created = f"chatcmpl-{session_id}", int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(engine, pump, first, session_id, cid, created, name, include_usage),
+            return StreamingResponse(_sse(engine, stream, first, session_id, cid, created, name, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(engine, pump, first, session_id, cid, created, name, request)
+        return await _complete(engine, stream, first, session_id, cid, created, name, request)
 
     return app
 
@@ -179,18 +148,19 @@ def _log_done(session_id: str, status: int, usage: Usage | None, stream: bool, n
                 usage.completion_tokens, ttft, usage.finish_reason, note)
 
 
-async def _complete(engine: Engine, pump: _Pump, first: Any, session_id: str, cid: str, created: int,
-                    name: str, request: Request) -> Any:
+async def _complete(engine: Engine, stream: ThreadedStream, first: list, session_id: str, cid: str,
+                    created: int, name: str, request: Request) -> Any:
     async def collect() -> tuple[str, Usage]:
-        parts, usage, item = [], Usage(), first
-        while item is not _END:
-            parts.append(item.text)
-            usage = item.usage or usage
-            item = await pump.next()
+        parts, usage, items = [], Usage(), first
+        while items:
+            for delta in items:
+                parts.append(delta.text)
+                usage = delta.usage or usage
+            items = await stream.take()
         return "".join(parts), usage
 
     try:
-        text, usage = await pump.watching(request, lambda: engine.cancel(session_id), collect())
+        text, usage = await _watching(request, lambda: engine.cancel(session_id), collect())
     except EngineError as exc:
         _log_done(session_id, exc.status, None, False, f"error={exc.message!r}")
         return JSONResponse(error_body(exc), status_code=exc.status)
@@ -201,8 +171,10 @@ async def _complete(engine: Engine, pump: _Pump, first: Any, session_id: str, ci
             "usage": _usage_json(usage)}
 
 
-async def _sse(engine: Engine, pump: _Pump, first: Delta, session_id: str, cid: str, created: int,
-               name: str, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(engine: Engine, stream: ThreadedStream, first: list[Delta], session_id: str, cid: str,
+               created: int, name: str, include_usage: bool) -> AsyncIterator[str]:
+    """One chunk per batch of deltas: when the loop is busy, what arrived meanwhile goes out
+    together instead of one write per token."""
     def chunk(delta: dict, finish: str | None = None) -> str:
         obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
@@ -211,12 +183,13 @@ async def _sse(engine: Engine, pump: _Pump, first: Delta, session_id: str, cid: 
     finished, usage = False, None
     try:
         yield chunk({"role": "assistant", "content": ""})
-        item = first
-        while item is not _END:
-            if item.text:
-                yield chunk({"content": item.text})
-            usage = item.usage or usage
-            item = await pump.next()
+        items = first
+        while items:
+            text = "".join(d.text for d in items)
+            if text:
+                yield chunk({"content": text})
+            usage = next((d.usage for d in reversed(items) if d.usage), usage)
+            items = await stream.take()
         usage = usage or Usage()
         yield chunk({}, usage.finish_reason)
         if include_usage:
@@ -232,7 +205,7 @@ async def _sse(engine: Engine, pump: _Pump, first: Delta, session_id: str, cid: 
         finished = True
         _log_done(session_id, 200, usage, True, f"error={exc.message!r}")
     finally:
-        if not finished:  # the client went away: the pump thread then drains the stream
+        if not finished:  # the client went away: the stream's thread then drains it
             engine.cancel(session_id)
             _log_done(session_id, 200, usage, True, "client disconnected")
 

@@ -23,6 +23,7 @@ class SyntheticEngine(Engine):
         super().__init__()
         self.settings = (settings or EngineSettings(backend="synthetic")).synthetic
         self.model_name = self.settings.model_name
+        self.max_concurrency = 1024  # no model: any number of streams
 
     def reply_words(self, gen: Generation) -> Iterator[str]:
         question = gen.messages[-1]["content"]
