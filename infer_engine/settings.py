@@ -47,6 +47,13 @@ class ApiSettings:
 
 
 @dataclass
+class TransformersSettings:
+    max_batch_size: int = field(default=0, metadata=_help(
+        "transformers: sessions decoded together (continuous batching); 0: 8 on a CPU, 64 on a GPU; "
+        "1: one at a time"))
+
+
+@dataclass
 class SyntheticSettings:
     tokens_per_s: float = field(default=100.0, metadata=_help(
         "synthetic backend (tests, benchmarks; no model): tokens per second per stream, 0 = unpaced"))
@@ -70,6 +77,7 @@ class EngineSettings:
         "'auto' uses the tokenizer's template, else a named one (internlm2_chat, qwen_chat, ...)"))
     session_len: int = field(default=4096, metadata=_help("maximum context in tokens"))
     adapter_path: str = field(default="", metadata=_help("LoRA adapter folder served unmerged (transformers)"))
+    transformers: TransformersSettings = field(default_factory=TransformersSettings)
     lmdeploy: LMDeploySettings = field(default_factory=LMDeploySettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
@@ -81,6 +89,8 @@ class EngineSettings:
         if self.backend not in ("api", "synthetic") and not self.model_path:
             raise InvalidRequest("model_path is required for the %s backend" % self.backend,
                                  param="model_path")
+        if self.transformers.max_batch_size < 0:
+            raise InvalidRequest("transformers.max_batch_size must be >= 0", param="transformers.max_batch_size")
         if self.session_len < 16:
             raise InvalidRequest(f"session_len must be >= 16, got {self.session_len}", param="session_len")
         if self.lmdeploy.quant_policy not in (0, 4, 8):

@@ -180,8 +180,8 @@ def run_clients(kind: str, port: int, n: int, procs: int, words: int, new_tokens
 
 # -- the paths --------------------------------------------------------------------------------
 
-def engine_direct(argv: list[str], n: int, words: int, new_tokens: int, ignore_eos: bool) -> dict:
-    """Runs inside a fresh process: the engine called from n threads."""
+def engine_direct(argv: list[str], users: list[int], words: int, new_tokens: int, ignore_eos: bool) -> list[dict]:
+    """Runs inside a fresh process: the engine called from n threads, for each n in users."""
     from infer_engine import SamplingParams, create_engine
     from infer_engine.settings import add_engine_arguments, settings_from_args
 
@@ -190,7 +190,7 @@ def engine_direct(argv: list[str], n: int, words: int, new_tokens: int, ignore_e
     engine = create_engine(settings_from_args(p.parse_args(argv)))
     sp = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=ignore_eos)
 
-    def round_(label: str) -> tuple[list[Stream], float]:
+    def round_(label: str, n: int) -> tuple[list[Stream], float]:
         out: list = [None] * n
         barrier = threading.Barrier(n + 1)
 
@@ -220,10 +220,13 @@ def engine_direct(argv: list[str], n: int, words: int, new_tokens: int, ignore_e
             t.join()
         return out, time.perf_counter() - t0
 
-    round_("warmup")
-    streams, wall = round_("bench")
+    results = []
+    for n in users:
+        round_(f"warmup{n}", n)  # every batch size the measured round uses has run once
+        streams, wall = round_(f"bench{n}", n)
+        results.append({"users": n, "streams": [asdict(s) for s in streams], "wall": wall})
     engine.close()
-    return {"streams": [asdict(s) for s in streams], "wall": wall}
+    return results
 
 
 def wait_port(port: int, proc: subprocess.Popen, seconds: float = 900) -> None:
@@ -267,26 +270,28 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=4, help="client processes for server and app")
     ap.add_argument("--app-arg", action="append", default=[], help="extra argument for app.py (repeatable)")
     ap.add_argument("--json", default="", help="also write the results to this file")
-    ap.add_argument("--_direct", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--logs", default="", help="folder for the server's and the app's output (default: dropped)")
+    ap.add_argument("--_direct", default="", help=argparse.SUPPRESS)
     args, engine_argv = ap.parse_known_args()
     synthetic = "synthetic" in engine_argv
     ignore_eos = not synthetic  # real engines: a fixed length; the synthetic one has its own
     if args._direct:
-        print(json.dumps(engine_direct(engine_argv, args._direct, args.prompt_words, args.new_tokens, ignore_eos)))
+        users = [int(u) for u in args._direct.split(",")]
+        print(json.dumps(engine_direct(engine_argv, users, args.prompt_words, args.new_tokens, ignore_eos)))
         return
     users = [int(u) for u in args.users.split(",")]
     rows: list[dict] = []
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "GRADIO_ANALYTICS_ENABLED": "False"}
     for path in args.paths.split(","):
         if path == "engine":
-            for n in users:
-                out = subprocess.run([sys.executable, __file__, "--_direct", str(n), "--new-tokens",
-                                      str(args.new_tokens), "--prompt-words", str(args.prompt_words), *engine_argv],
-                                     capture_output=True, text=True, env=env)
-                if out.returncode:
-                    raise SystemExit(out.stderr[-3000:])
-                res = json.loads(out.stdout.strip().splitlines()[-1])
-                rows.append(summarize("engine", n, [Stream(**s) for s in res["streams"]], res["wall"], None))
+            out = subprocess.run([sys.executable, __file__, "--_direct", args.users, "--new-tokens",
+                                  str(args.new_tokens), "--prompt-words", str(args.prompt_words), *engine_argv],
+                                 stdout=subprocess.PIPE, text=True, env=env)
+            if out.returncode:
+                raise SystemExit(f"the engine path failed ({out.returncode})")
+            for res in json.loads(out.stdout.strip().splitlines()[-1]):
+                rows.append(summarize("engine", res["users"], [Stream(**s) for s in res["streams"]], res["wall"], None))
                 print(fmt(rows[-1], rows), flush=True)
             continue
         port = free_port()
@@ -295,7 +300,8 @@ def main() -> None:
         else:
             cmd = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port),
                    "--queue-size", str(max(users) * 2), *args.app_arg, *engine_argv]
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        log = open(Path(args.logs) / f"{path}.log", "w") if args.logs else subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             wait_port(port, proc)

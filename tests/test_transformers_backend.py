@@ -51,3 +51,42 @@ def test_seeded_sampling_is_reproducible(tiny_model):
         c = eng.chat(MSGS, SamplingParams(max_new_tokens=32, temperature=1.0, top_p=0.95, seed=99,
                                           ignore_eos=True))[0]
     assert a == b and a != c
+
+
+def test_concurrent_sessions_are_decoded_together(tiny_model):
+    """Continuous batching: with 8 sessions at once, every one has its first token before any
+    of them finishes (run one after another, the first would be done before the last began)."""
+    import threading
+
+    with create_engine(EngineSettings(model_path=str(tiny_model))) as eng:
+        assert eng.max_concurrency == 8
+        firsts, ends, lock = [], [], threading.Lock()
+        sp = SamplingParams(max_new_tokens=96, temperature=0, ignore_eos=True)
+
+        def run(i: int) -> None:
+            stream = eng.stream_chat([{"role": "user", "content": f"story {i}"}], sp, f"s{i}")
+            next(stream)
+            with lock:
+                firsts.append(i)
+            usage = list(stream)[-1].usage
+            with lock:
+                ends.append((i, len(firsts), usage.completion_tokens))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert all(tokens == 96 for _, _, tokens in ends)
+    assert ends[0][1] == 8, f"the first session finished when only {ends[0][1]} of 8 had started"
+
+
+def test_batch_size_one_runs_generate_one_at_a_time(tiny_model):
+    s = EngineSettings(model_path=str(tiny_model))
+    s.transformers.max_batch_size = 1
+    with create_engine(s) as eng:
+        assert eng.max_concurrency == 1 and eng._batcher is None
+        text, usage = eng.chat(MSGS, SP)
+    with create_engine(EngineSettings(model_path=str(tiny_model))) as batched:
+        assert batched.chat(MSGS, SP)[0] == text  # the same greedy tokens either way
+    assert usage.completion_tokens == 24
