@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 import sys
 import threading
 from typing import Any, AsyncIterator, Iterator
@@ -221,8 +222,8 @@ class ChatUI:
         sid = self._sid(request, "chat")
         claim = self._turns.claim(sid)
         try:
+            # no update until the reply starts: at a burst of users, one Gradio step per event less
             history = before + [{"role": "user", "content": message}]
-            yield history, history, "", "…"
             async for h, stats, refused in self._stream_reply(self.engine, history, system, sampling, sid):
                 if refused:
                     # Refused before any output (too long for the context, ...): the message
@@ -363,6 +364,11 @@ class ChatUI:
     def build(self) -> gr.Blocks:
         s = self.settings
         gen = dict(concurrency_limit=s.concurrency or self.engine.max_concurrency, concurrency_id="generate")
+        # Gradio recomputes its monitoring summary with pandas over up to 10,000 recorded events
+        # after every event (GRADIO_ANALYTICS_CACHE_FREQUENCY=1): ~2 ms per event, growing with
+        # traffic (yappi). The app has no monitoring page: keep a short record, summed rarely.
+        os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
+        os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
         # No analytics calls from a public deployment; Gradio's cache (nothing lands there
         # while uploads are refused) is swept hourly of files older than an hour.
         with gr.Blocks(title=s.title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
@@ -407,10 +413,10 @@ class ChatUI:
                     ev_reply = ev_accept.success(self.reply, [claim, history, *sampling], [chatbot, history, stats],
                                                  api_visibility="undocumented", **gen)
                     api_send = gr.Button(visible=False)  # /send: the same, as one API call
-                    # postprocess=False: API clients take plain messages, and a streamed update
-                    # then costs Gradio no component round trip per output
+                    # pre/postprocess=False: API clients send and take plain values (checked here),
+                    # and a streamed update costs Gradio no component round trip per output
                     ev_api = api_send.click(self.send, [box, history, *sampling], outs, api_name="send",
-                                            postprocess=False, **gen)
+                                            preprocess=False, postprocess=False, **gen)
                     ev_retry = retry_btn.click(self.retry, [history, *sampling], [chatbot, history, stats],
                                                api_name="retry", trigger_mode="once", **gen)
                     running = [ev_reply, ev_api, ev_retry]
