@@ -1,11 +1,16 @@
-"""Chat history as the UI keeps it (Gradio messages) and as engines take it."""
+"""A conversation as the store keeps it, as the page shows it, and as engines take it.
+
+Stored messages are `{"role": "user"|"assistant", "content": str}` (the training tools'
+format), with `"error": True` on a notice that explains why a message got no answer (shown in
+the page, never sent to a model) and `"feedback": "like"|"dislike"` on rated replies.
+"""
 from __future__ import annotations
 
 from typing import Any
 
 from infer_engine import Usage
 
-ERROR_TITLE = "⚠️ Error"
+ERROR_MARK = "⚠️ "
 
 
 def text_of(content: Any) -> str:
@@ -19,34 +24,43 @@ def text_of(content: Any) -> str:
     return "" if content is None else str(content)
 
 
-def is_error(message: dict) -> bool:
-    return (message.get("metadata") or {}).get("title") == ERROR_TITLE
-
-
 def error_message(text: str) -> dict:
-    return {"role": "assistant", "content": text, "metadata": {"title": ERROR_TITLE, "status": "done"}}
+    return {"role": "assistant", "content": text, "error": True}
 
 
-def to_engine_messages(history: list[dict], system_prompt: str) -> list[dict]:
+def display(messages: list[dict]) -> list[dict]:
+    """The chat window's value: one entry per stored message (so the chat window's indexes,
+    in its edit / retry / like events, are the store's), notices shown in full."""
+    return [{"role": m["role"], "content": (ERROR_MARK + m["content"]) if m.get("error") else m["content"]}
+            for m in messages]
+
+
+def feedback_of(messages: list[dict]) -> list[str | None]:
+    """What the chat window shows as rated, reply by reply (Gradio's feedback_value)."""
+    return [{"like": "Like", "dislike": "Dislike"}.get(m.get("feedback")) for m in messages
+            if m["role"] == "assistant"]
+
+
+def to_engine_messages(messages: list[dict], system_prompt: str) -> list[dict]:
     """System prompt + turns; error notices are shown to the user but are not model turns."""
     msgs = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
-    for m in history:
-        if m.get("role") in ("user", "assistant") and not is_error(m):
+    for m in messages:
+        if m.get("role") in ("user", "assistant") and not m.get("error"):
             msgs.append({"role": m["role"], "content": text_of(m.get("content"))})
     return msgs
 
 
-def without_last_reply(history: list[dict]) -> list[dict]:
-    """History up to and including the last user message."""
-    h = list(history)
+def without_last_reply(messages: list[dict]) -> list[dict]:
+    """Messages up to and including the last user message."""
+    h = list(messages)
     while h and h[-1].get("role") != "user":
         h.pop()
     return h
 
 
-def without_last_exchange(history: list[dict]) -> tuple[list[dict], str]:
-    """Drop the last user message and its reply; return the question to put back in the box."""
-    h = without_last_reply(history)
+def without_last_exchange(messages: list[dict]) -> tuple[list[dict], str]:
+    """Drop the last user message and its reply; return the question."""
+    h = without_last_reply(messages)
     if not h:
         return [], ""
     question = text_of(h.pop().get("content"))
@@ -64,5 +78,5 @@ def stats_line(usage: Usage | None) -> str:
     if usage.finish_reason == "cancelled":
         parts.append("stopped")
     elif usage.finish_reason == "length":
-        parts.append("cut at max new tokens")
+        parts.append("cut at max new tokens (Continue goes on)")
     return " · ".join(parts)

@@ -45,11 +45,20 @@ class AppSettings:
     temperature: float = field(default=SamplingParams.temperature,
                                metadata=_help("default temperature (slider; 0 = greedy)"))
     auth: str = field(default="", metadata=_help("require login: user:pass[,user2:pass2]"))
+    history_path: str = field(default=str(Path.home() / ".cache" / "chat-app" / "chats.sqlite3"), metadata=_help(
+        "SQLite file of the kept conversations (per browser; survives reloads and restarts)"))
+    no_history: bool = field(default=False, metadata=_help(
+        "keep conversations in memory only, for the life of the process (nothing on disk)"))
+    history_days: float = field(default=30.0, metadata=_help("forget chats not used for this many days (0: never)"))
+    history_max_mb: float = field(default=10.0, metadata=_help(
+        "kept conversations per browser, in MB; beyond it the oldest chats go"))
 
     def validate(self) -> "AppSettings":
         for name in ("port", "queue_size", "max_input_chars", "max_new_tokens", "max_updates_per_s"):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be >= 1, got {getattr(self, name)}", param=name)
+        if self.history_max_mb <= 0 or self.history_days < 0:
+            raise InvalidRequest("history_max_mb must be > 0 and history_days >= 0", param="history_max_mb")
         if self.concurrency < 0:
             raise InvalidRequest(f"concurrency must be >= 0, got {self.concurrency}", param="concurrency")
         if not 0 <= self.temperature <= 2:

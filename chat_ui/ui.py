@@ -1,23 +1,30 @@
-"""The Gradio chat UI over the Engine interface.
+"""The Gradio chat page over the Engine interface.
 
-Per-visitor state lives in `gr.State` (each browser tab or API client has its own history) and
-engine session ids come from the visitor's `session_hash`; what ChatUI keeps is keyed by those
-ids (whose reply is in progress), never shared between visitors. Stop cancels the generation in
-the engine, not only in the page.
+One source of truth: every conversation lives in the store (chat_ui/store.py), keyed by a random
+per-browser id kept in the browser's localStorage (gr.BrowserState); the page only shows it. Every
+control reads the chat from the store and writes it back: one that changes a chat while a reply
+streams (Clear, Undo, Retry, Edit, Continue, switching chats) first stops the reply and waits
+until it has let go and saved what it had. What ChatUI keeps in memory is keyed by chat (which
+reply is in progress), never shared between visitors.
 
-Streaming is built for many users in one process (see scripts/bench_app.py): handlers are async
-generators fed by the engine's stream on a pooled thread (no worker-thread hop per update),
-updates are coalesced to a budget shared by all streams, and a streamed update carries only what
-changes (the chat; the history State and the stats line once, at the end).
+Streaming is built for many users in one process (scripts/bench_app.py): handlers are async
+generators fed by the engine's stream on a pooled thread, updates share a budget, and a streamed
+update carries only the chat window and the stats line. In the page, Send is two events, as
+gr.ChatInterface does it: one that takes the message at once, one that streams the reply; the
+API endpoint /send is one event.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
 import importlib.util
 import os
 import sys
+import tempfile
 import threading
-from typing import Any, AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import gradio as gr
 from loguru import logger
@@ -30,23 +37,82 @@ from infer_engine.errors import (AuthenticationFailed, BackendUnavailable, Conte
                                  ModelNotFound, SessionBusy)
 from infer_engine.settings import check_text
 
-from .history import (error_message, stats_line, to_engine_messages, without_last_exchange,
+from .history import (display, error_message, feedback_of, stats_line, to_engine_messages,
                       without_last_reply)
 from .settings import AppSettings
+from .store import (Chat, MemoryStore, SQLiteStore, Store, chat_from_json, export_json, markdown,
+                    new_browser_id, new_chat, valid_browser_id)
 
 UPDATE_INTERVAL_S = 0.05  # the shortest gap between two updates of a streaming reply
 MAX_BODY_BYTES = 1024 * 1024  # the app takes no uploads: no request needs more
 BUSY = "A reply is still being written in this chat: wait for it to finish, or press Stop."
-CSS = "#stats, #stats_a, #stats_b {font-size: 0.85em; opacity: 0.75; min-height: 1.5em}"
+WELCOME = ("### Welcome\nAsk anything below, or start with an example. Your chats are kept for this browser "
+           "in the side panel (the arrow at the top left): switch, rename, export or delete them there.")
+LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": "$", "display": False},
+         {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
+
+# Text and buttons at >= 4.5:1 contrast (Gradio's orange Send was 2.8:1, its red Stop 3.8:1, the
+# placeholder 1.9:1); the input bar stays in view on a phone while a reply streams.
+CSS = """
+#stats, #stats_a, #stats_b, #counter {font-size: 0.85em; color: #374151; min-height: 1.5em}
+#counter.over, #counter .over {color: #b91c1c; font-weight: 600}
+#send, #cmp_send {background: #c2410c !important; color: #ffffff !important; border-color: #c2410c !important}
+#stop, #cmp_stop {background: #b91c1c !important; color: #ffffff !important; border-color: #b91c1c !important}
+#input textarea::placeholder, #cmp_input textarea::placeholder {color: #4b5563 !important; opacity: 1}
+#banner {background: #fef3c7; color: #78350f; border-radius: 6px; padding: 0 0.75em}
+#system_hint {font-size: 0.85em; color: #374151}
+#input_bar {position: sticky; bottom: 0; z-index: 20; background: var(--background-fill-primary)}
+@media (max-width: 640px) { #chatbot {height: 52vh !important; max-height: 52vh !important} }
+"""
+# Copy buttons on every message came before the input in the tab order: keep them for the
+# mouse, take them out of the keyboard's way (the chat window's "copy all" stays reachable).
+HEAD = """<script>
+(() => { let queued = false;
+  const untab = () => { queued = false; document.querySelectorAll('#chatbot .message-buttons button')
+    .forEach(b => b.setAttribute('tabindex', '-1')); };
+  new MutationObserver(() => { if (!queued) { queued = true; requestAnimationFrame(untab); } })
+    .observe(document.documentElement, {subtree: true, childList: true}); })();
+</script>"""
+
+
+def refusal(exc: gr.Error) -> str:
+    """A refusal, said where the person looks (the stats line) and in a toast that does not
+    cover the page: a raised gr.Error would put red "Error" badges over the chat and the input
+    (issue seen with the busy Send), and in an unqueued event show no reason at all."""
+    gr.Warning(exc.message)
+    return f"⚠️ Not sent: {exc.message}"
+
+
+def _refusing(outputs: Callable[[gr.Error], tuple]) -> Callable:
+    """For page events: a gr.Error from the checks becomes `outputs(exc)` (skips and a notice)."""
+    def wrap(fn: Callable) -> Callable:
+        if asyncio.iscoroutinefunction(fn):
+            async def run_async(*args: Any, **kw: Any) -> Any:
+                try:
+                    return await fn(*args, **kw)
+                except gr.Error as exc:
+                    return outputs(exc)
+            run = run_async
+        else:
+            def run_sync(*args: Any, **kw: Any) -> Any:
+                try:
+                    return fn(*args, **kw)
+                except gr.Error as exc:
+                    return outputs(exc)
+            run = run_sync
+        functools.update_wrapper(run, fn)
+        return run
+    return wrap
 
 
 class _Turns:
     """Which chats have a reply in progress: one at a time per chat. A claim is taken before
-    the history changes and held until the reply ends, so a second Send while one streams is
-    refused, readably, instead of one history overwriting the other."""
+    the chat changes and held until the reply has saved, so a second Send while one streams is
+    refused, readably, instead of one reply overwriting the other."""
 
     def __init__(self) -> None:
         self._claims: dict[str, int] = {}
+        self._settled: dict[str, asyncio.Event] = {}  # set when the chat's reply has saved
         self._lock = threading.Lock()
         self._next = 0
 
@@ -68,30 +134,83 @@ class _Turns:
             if claim is None or self._claims.get(sid) == claim:
                 self._claims.pop(sid, None)
 
+    def streaming(self, sid: str) -> asyncio.Event:
+        """Mark the chat's reply as running; set the returned event once it has saved."""
+        event = asyncio.Event()
+        with self._lock:
+            self._settled[sid] = event
+        return event
+
+    def done(self, sid: str, event: asyncio.Event) -> None:
+        event.set()
+        with self._lock:
+            if self._settled.get(sid) is event:
+                del self._settled[sid]
+
+    async def settled(self, sid: str, timeout: float = 10.0) -> None:
+        with self._lock:
+            event = self._settled.get(sid)
+        if event is not None:
+            try:
+                await asyncio.wait_for(event.wait(), timeout)
+            except asyncio.TimeoutError:
+                logger.warning("chat session={} still saving its reply after {} s", sid, timeout)
+
+    def active(self, sid: str) -> bool:
+        with self._lock:
+            return sid in self._claims or sid in self._settled
+
     def __len__(self) -> int:
         return len(self._claims)
 
 
+def make_store(settings: AppSettings) -> Store:
+    limits = dict(max_bytes_per_browser=int(settings.history_max_mb * 2**20), retention_days=settings.history_days)
+    if settings.no_history:
+        return MemoryStore(**limits)
+    return SQLiteStore(settings.history_path, **limits)
+
+
 class ChatUI:
     def __init__(self, engine: Engine, settings: AppSettings, compare: Engine | None = None,
-                 label: str | None = None, compare_label: str | None = None):
+                 label: str | None = None, compare_label: str | None = None, store: Store | None = None):
         self.engine, self.compare_engine, self.settings = engine, compare, settings
+        self.store = store or make_store(settings)
         self.label = label or settings.model_label or _name_of(engine)
         self.compare_label = compare_label or settings.compare_label or (
             _name_of(compare) if compare else "")
         self._turns = _Turns()
-        self._live: dict[str, list[dict]] = {}  # chat -> its history as last shown, while streaming
+        self._live: dict[str, list[dict]] = {}  # chat -> its messages as last shown, while streaming
+        self.store.expire()
 
     # -- helpers ------------------------------------------------------------------------
     @staticmethod
     def _sid(request: gr.Request | None, which: str) -> str:
         return f"{getattr(request, 'session_hash', None) or 'anonymous'}:{which}"
 
+    @staticmethod
+    def _chat_sid(ptr: dict) -> str:
+        # the browser id is a bearer token: engine session ids and log lines carry a hash of it
+        return f"{hashlib.sha256(ptr['browser'].encode()).hexdigest()[:12]}:{ptr['chat']}"
+
+    def _session(self, ptr: dict | None) -> tuple[dict, Chat]:
+        """The visitor's browser id and current chat (made on first use: API clients have no
+        page to give them one)."""
+        ptr = dict(ptr or {})
+        if not valid_browser_id(ptr.get("browser")):
+            ptr["browser"] = new_browser_id()
+        chat = self.store.get(ptr["browser"], ptr.get("chat"))
+        if chat is None:
+            chat = new_chat(system=self.settings.system_prompt)
+            self.store.save(ptr["browser"], chat)
+        ptr["chat"] = chat.id
+        return ptr, chat
+
     def _check_input(self, text: str, what: str = "message") -> str:
         text = (text or "").strip()
         if len(text) > self.settings.max_input_chars:
-            raise gr.Error(f"Your {what} has {len(text)} characters; the limit is "
-                           f"{self.settings.max_input_chars}. Please shorten it.")
+            raise gr.Error(f"Your {what} has {len(text):,} characters; the limit is "
+                           f"{self.settings.max_input_chars:,}. Please shorten it.")
         try:
             check_text(text, what)
         except InvalidRequest:
@@ -109,6 +228,11 @@ class ChatUI:
         except (InvalidRequest, TypeError, ValueError) as exc:
             raise gr.Error(f"Invalid setting: {exc}") from None
 
+    def _max_new_cap(self) -> int:
+        """The Max new tokens slider's top: the context minus room for a prompt."""
+        n = self.engine.session_len
+        return max(16, n - max(256, n // 8)) if n else max(4096, self.settings.max_new_tokens)
+
     def _interval(self) -> float:
         """Seconds between two updates of a streaming reply. Every update costs the server a
         render of the chat (~1.5 ms of the app's CPU, measured with yappi), so the app spends
@@ -116,26 +240,32 @@ class ChatUI:
         each, 128 about 4."""
         return max(UPDATE_INTERVAL_S, len(self._turns) / self.settings.max_updates_per_s)
 
-    def _end_turn(self, engine: Engine | None, sid: str) -> None:
-        """Stop, Clear, Undo: cancel the generation and free the chat for the next message."""
+    async def _interrupt(self, engine: Engine | None, sid: str) -> None:
+        """Stop the chat's reply, if one streams, and wait until it has saved what it had."""
         self._turns.release(sid)
         if engine is not None:
             engine.cancel(sid)
+        await self._turns.settled(sid)
 
-    async def _stream_reply(self, engine: Engine, history: list[dict], system: str,
-                            sampling: SamplingParams, sid: str) -> AsyncIterator[tuple[list[dict], str, bool]]:
-        """Append a reply to `history` (ending in a user message) as it streams; yields
-        (history, stats line, refused: the request was refused before any output).
-
-        The engine's stream runs on a thread of its own; this coroutine takes what has arrived
-        and shows it at most once per `_interval()`, without a worker thread per update."""
-        msgs = to_engine_messages(history, system)
-        history = history + [{"role": "assistant", "content": ""}]
-        text, usage, status = "", None, "ok"
+    async def _stream_reply(self, engine: Engine, messages: list[dict], system: str,
+                            sampling: SamplingParams, sid: str, continue_final: bool = False
+                            ) -> AsyncIterator[tuple[list[dict], str, Exception | None]]:
+        """The messages with a reply (or, with continue_final, the last reply extended) as it
+        streams; yields (messages, stats line, the error that refused the request before any
+        output, if one did). The engine's stream runs on a thread of its own; this coroutine
+        takes what has arrived and shows it at most once per `_interval()`."""
+        msgs = to_engine_messages(messages, system)
+        messages = list(messages)
+        if continue_final:
+            prefix = messages.pop()["content"]
+        else:
+            prefix = ""
+        messages.append({"role": "assistant", "content": prefix})
+        text, usage, status = prefix, None, "ok"
 
         def open_stream() -> Iterator:
             engine.wait_session_free(sid, timeout=10)  # a stopped reply may still be letting go
-            return engine.stream_chat(msgs, sampling, sid)
+            return engine.stream_chat(msgs, sampling, sid, continue_final=continue_final)
 
         loop = asyncio.get_running_loop()
         stream, shown = ThreadedStream(open_stream), None
@@ -149,131 +279,384 @@ class ChatUI:
                     if wait > 0:  # what arrives meanwhile goes out with the next update
                         await stream.wait_end(wait)  # the end of the reply is shown at once
                 shown = loop.time()
-                history[-1] = {"role": "assistant", "content": text}
-                self._live[sid] = history
-                yield history, stats_line(usage) if usage else "…", False
+                messages[-1] = {"role": "assistant", "content": text}
+                self._live[sid] = messages
+                yield messages, stats_line(usage) if usage else "…", None
         except EngineError as exc:
             status = f"{type(exc).__name__}: {exc.message}"
-            history[-1] = error_message(visitor_message(exc))
-            yield history, "", isinstance(exc, InvalidRequest) and not text
+            refused = exc if isinstance(exc, InvalidRequest) and text == prefix else None
+            if text:  # keep what came before the failure (or the reply it was to continue)
+                messages[-1] = {"role": "assistant", "content": text}
+                messages.append(error_message(visitor_message(exc)))
+            else:
+                messages[-1] = error_message(visitor_message(exc))
+            self._live[sid] = messages
+            yield messages, stats_error(exc), refused
         finally:
             engine.cancel(sid)  # closed early (Stop, page closed): the engine stops too
-            self._live.pop(sid, None)
             _log_event(sid, usage, status)
 
-    def _accept(self, message: str, history: list[dict], system: str, sampling: SamplingParams,
-                sid: str, engines: list[Engine]) -> int:
-        """Claim the chat, and refuse (gr.Error, nothing changed) what cannot be answered:
-        a busy chat, or a message that does not fit the context of the model(s)."""
+    def _chat_list(self, ptr: dict) -> Any:
+        chats = self.store.chats(ptr["browser"])
+        return gr.update(choices=[(c.title or "New chat", c.id) for c in chats], value=ptr["chat"])
+
+    def _chat_view(self, ptr: dict, chat: Chat) -> tuple:
+        """Everything the page shows of one chat: the chat list, the chat window, its system
+        prompt and sampling settings, the system-prompt hint."""
+        st = {**self._default_settings(), **chat.settings}
+        return (self._chat_list(ptr), gr.update(value=display(chat.messages), feedback_value=feedback_of(chat.messages)),
+                chat.system, st["max_new_tokens"], st["temperature"], st["top_p"], st["top_k"],
+                st["repetition_penalty"], system_hint(chat.system))
+
+    def _default_settings(self) -> dict:
+        s = SamplingParams()
+        return dict(max_new_tokens=min(self.settings.max_new_tokens, self._max_new_cap()),
+                    temperature=self.settings.temperature, top_p=s.top_p, top_k=s.top_k,
+                    repetition_penalty=s.repetition_penalty)
+
+    # -- page load, chat list --------------------------------------------------------------
+    def on_load(self, browser: str, request: gr.Request) -> tuple:
+        browser = browser if valid_browser_id(browser) else new_browser_id()
+        chats = self.store.chats(browser)
+        ptr, chat = self._session({"browser": browser, "chat": chats[0].id if chats else None})
+        problem = self.engine.health()
+        if problem:
+            logger.warning("model backend unavailable at page load: {}", problem)
+        banner = gr.update(visible=bool(problem), value=(
+            "⚠️ **The model server is not reachable right now.** Replies will fail until it is back; "
+            "please try again in a minute." if problem else ""))
+        return (browser, ptr, *self._chat_view(ptr, chat), "", banner)
+
+    async def new_chat(self, ptr: dict, system: str, *sliders: float) -> tuple:
+        ptr, _ = self._session(ptr)
+        await self._interrupt(self.engine, self._chat_sid(ptr))
+        chat = new_chat(system=system if check_ok(system) else "", settings=self._settings_of(*sliders))
+        self.store.save(ptr["browser"], chat)
+        ptr["chat"] = chat.id
+        return (ptr, *self._chat_view(ptr, chat), "")
+
+    async def switch_chat(self, ptr: dict, chat_id: str) -> tuple:
+        ptr, _ = self._session(ptr)
+        if chat_id and chat_id != ptr["chat"]:
+            await self._interrupt(self.engine, self._chat_sid(ptr))
+        chat = self.store.get(ptr["browser"], chat_id)
+        if chat is None:  # gone meanwhile (another tab deleted it)
+            ptr, chat = self._session(ptr)
+        else:
+            ptr["chat"] = chat.id
+        return (ptr, *self._chat_view(ptr, chat), "")
+
+    def rename_chat(self, ptr: dict, title: str) -> tuple:
+        ptr, chat = self._session(ptr)
+        title = (title or "").strip()[:80]
+        if title and check_ok(title):
+            self.store.update(ptr["browser"], chat.id, lambda c: setattr(c, "title", title))
+        return self._chat_list(ptr), ""
+
+    async def delete_chat(self, ptr: dict) -> tuple:
+        ptr, chat = self._session(ptr)
+        await self._interrupt(self.engine, self._chat_sid(ptr))
+        self.store.delete(ptr["browser"], chat.id)
+        rest = self.store.chats(ptr["browser"])
+        ptr, chat = self._session({"browser": ptr["browser"], "chat": rest[0].id if rest else None})
+        return (ptr, *self._chat_view(ptr, chat), "")
+
+    @_refusing(lambda exc: (gr.skip(), gr.skip()))
+    def save_settings(self, ptr: dict, system: str, *sliders: float) -> tuple:
+        """The chat's system prompt and sampling settings, kept as they are changed."""
+        ptr, chat = self._session(ptr)
+        if len(system or "") > self.settings.max_input_chars or not check_ok(system or ""):
+            raise gr.Error(f"The system prompt has {len(system):,} characters; the limit is "
+                           f"{self.settings.max_input_chars:,}. It was not saved.")
+        settings = self._settings_of(*sliders)
+
+        def change(c: Chat) -> None:
+            c.system, c.settings = (system or "").strip(), settings
+        self.store.update(ptr["browser"], chat.id, change)
+        return ptr, system_hint(system or "")
+
+    @staticmethod
+    def _settings_of(max_new_tokens: float, temperature: float, top_p: float, top_k: float,
+                     repetition_penalty: float) -> dict:
+        try:
+            return dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                        top_k=int(top_k), repetition_penalty=float(repetition_penalty))
+        except (TypeError, ValueError):
+            return {}
+
+    def export_chat(self, ptr: dict, fmt: str) -> Any:
+        ptr, chat = self._session(ptr)
+        is_md = fmt.lower().startswith("markdown")
+        body = markdown(chat) if is_md else export_json(chat)
+        safe = "".join(ch for ch in chat.title if ch.isalnum() or ch in " -_")[:40].strip() or "chat"
+        folder = Path(tempfile.mkdtemp(prefix="chat-export-"))
+        path = folder / f"{safe}.{'md' if is_md else 'json'}"
+        path.write_text(body, encoding="utf-8")
+        return gr.update(value=str(path), visible=True)
+
+    @_refusing(lambda exc: (*(gr.skip(),) * 10, refusal(exc), gr.skip()))
+    async def import_chat(self, ptr: dict, text: str) -> tuple:
+        ptr, _ = self._session(ptr)
+        if len(text or "") > MAX_BODY_BYTES // 2:
+            raise gr.Error("That chat is too large to import here.")
+        try:
+            chat = chat_from_json(text or "")
+        except ValueError as exc:
+            raise gr.Error(f"Could not import the chat: {exc}") from None
+        for m in chat.messages:
+            if not check_ok(m["content"]):
+                raise gr.Error("Could not import the chat: it holds text that is not valid Unicode.")
+        await self._interrupt(self.engine, self._chat_sid(ptr))
+        notice = self.store.save(ptr["browser"], chat)
+        ptr["chat"] = chat.id
+        return (ptr, *self._chat_view(ptr, chat), notice or "Chat imported.", "")
+
+    # -- chat tab: sending and the reply ----------------------------------------------------
+    def _begin(self, ptr: dict, chat: Chat, change: Callable[[list[dict]], list[dict]], system: str,
+               sampling: SamplingParams, continue_final: bool = False) -> tuple[int, Chat]:
+        """Claim the chat, check the request fits (nothing changed if not: gr.Error), apply
+        `change` to its messages and save them with the settings used."""
+        sid = self._chat_sid(ptr)
         claim = self._turns.claim(sid)
         try:
-            msgs = to_engine_messages(history + [{"role": "user", "content": message}], system)
-            for engine in engines:
-                engine.check(msgs, sampling)
+            messages = change(list(chat.messages))
+            self.engine.check(to_engine_messages(messages, system), sampling, continue_final=continue_final)
         except EngineError as exc:
             self._turns.release(sid, claim)
-            raise gr.Error(visitor_message(exc)) from None
-        return claim
+            raise Refused(visitor_message(exc), title="Not sent") from None
+        except BaseException:
+            self._turns.release(sid, claim)
+            raise
 
-    # -- chat tab -----------------------------------------------------------------------
-    def accept(self, message: str, history: list[dict], system: str, max_new_tokens: float,
-               temperature: float, top_p: float, top_k: float, repetition_penalty: float,
-               request: gr.Request) -> tuple:
+        def apply(c: Chat) -> None:
+            c.messages, c.system, c.settings = messages, system, _settings_dict(sampling)
+            if c.title in ("", "New chat"):
+                first = next((m["content"] for m in messages if m["role"] == "user"), "")
+                c.title = " ".join(first.split())[:40] or "New chat"
+        chat, notice = self.store.update(ptr["browser"], chat.id, apply)
+        if notice:
+            gr.Info(notice)
+        return claim, chat
+
+    def accept(self, message: str, ptr: dict, system: str, max_new_tokens: float, temperature: float,
+               top_p: float, top_k: float, repetition_penalty: float) -> tuple:
         """Send, in the page (runs at once, unqueued): claim the chat, show the message, empty
-        the box. The reply streams in the event that follows (`reply`)."""
-        message = self._check_input(message)
-        system = self._check_input(system, "system prompt")
-        sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        if not message:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), None
-        claim = self._accept(message, history or [], system, sampling, self._sid(request, "chat"), [self.engine])
-        history = list(history or []) + [{"role": "user", "content": message}]
-        return "", history, history, "…", claim
+        the box, turn Send into Stop. The reply streams in the event that follows (`reply`)."""
+        ptr, chat = self._session(ptr)
+        try:
+            message = self._check_input(message)
+            system = self._check_input(system, "system prompt")
+            sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+            if not message:
+                return (gr.skip(),) * 8
+            claim, chat = self._begin(ptr, chat, lambda ms: ms + [{"role": "user", "content": message}],
+                                      system, sampling)
+        except gr.Error as exc:  # the message stays in the box; the page says why, in the chat too
+            shown = gr.skip() if exc.message == BUSY else \
+                display(chat.messages + [error_message(f"Not sent: {exc.message}")])  # (not kept)
+            return (gr.skip(), ptr, shown, refusal(exc), None, gr.skip(), gr.skip(), gr.skip())
+        return ("", ptr, display(chat.messages), "…", {"claim": claim}, self._chat_list(ptr), *BUSY_BUTTONS)
 
-    async def reply(self, claim: int | None, history: list[dict], system: str, max_new_tokens: float,
-                    temperature: float, top_p: float, top_k: float, repetition_penalty: float,
-                    request: gr.Request) -> AsyncIterator[tuple]:
-        sid = self._sid(request, "chat")
+    async def _answer(self, ptr: dict, pending: dict | None, sampling: SamplingParams
+                      ) -> AsyncIterator[tuple[list[dict], str]]:
+        """Stream the reply the chat is waiting for (its claim taken by an accept step), save it
+        at the end, stopped or not, and release the chat."""
+        sid = self._chat_sid(ptr)
+        claim = (pending or {}).get("claim")
         if not self._turns.holds(sid, claim):  # nothing accepted, or stopped meanwhile
             return
+        settled = self._turns.streaming(sid)
+        chat = self.store.get(ptr["browser"], ptr["chat"])
+        final = None
         try:
-            sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-            before = list(history)[:-1]
-            async for h, stats, refused in self._stream_reply(self.engine, list(history), system, sampling, sid):
-                if refused:
-                    h = before + [h[-1]]
-                # the history State is written once, at the end (a State write costs Gradio a
-                # config rebuild); Stop takes the reply so far from the live copy
-                yield h, (h if stats != "…" else gr.skip()), stats
+            if chat is None:
+                return
+            cont = bool((pending or {}).get("continue"))
+            async for msgs, stats, refused in self._stream_reply(self.engine, chat.messages, chat.system, sampling,
+                                                                 sid, continue_final=cont):
+                if refused is not None and not cont:  # refused by the backend: not part of the chat
+                    msgs = msgs[:-2] + [dict(msgs[-2], error=True), msgs[-1]]
+                final = msgs
+                yield msgs, stats
         finally:
+            final = self._live.pop(sid, final)
+            if final is not None:
+                self.store.update(ptr["browser"], ptr["chat"], lambda c: setattr(c, "messages", final))
+            pending["interrupted"] = not self._turns.holds(sid, claim)  # a control took the chat over
             self._turns.release(sid, claim)
+            self._turns.done(sid, settled)
 
-    async def send(self, message: str, history: list[dict], system: str, max_new_tokens: float,
-                   temperature: float, top_p: float, top_k: float, repetition_penalty: float,
-                   request: gr.Request) -> AsyncIterator[tuple]:
-        """Send, as one API call (/send): the message in, the reply streamed out."""
+    async def reply(self, pending: dict | None, ptr: dict, max_new_tokens: float, temperature: float,
+                    top_p: float, top_k: float, repetition_penalty: float) -> AsyncIterator[tuple]:
+        sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        pending = dict(pending or {})
+        async for msgs, stats in self._answer(ptr, pending, sampling):
+            yield display(msgs), stats
+        if pending.get("interrupted"):
+            # Gradio ends an event by sending its last value again; after Clear / Undo / Retry
+            # that would be the reply as it was, overwriting what the control showed (seen here:
+            # the exchange back after Undo). The last value of an interrupted reply is "unchanged".
+            yield gr.skip(), gr.skip()
+
+    def idle(self, ptr: dict) -> tuple:
+        """After a reply: Stop turns back into Send; the chat list shows the chat's title."""
+        return (*IDLE_BUTTONS, self._chat_list(self._session(ptr)[0]))
+
+    async def stop(self, ptr: dict) -> tuple:
+        """Stop: the reply so far stays, in the page and in the chat."""
+        ptr, _ = self._session(ptr)
+        sid = self._chat_sid(ptr)
+        was_running = self._turns.active(sid) or sid in self._live
+        await self._interrupt(self.engine, sid)
+        chat = self.store.get(ptr["browser"], ptr["chat"])
+        stats = "Stopped." if was_running else gr.skip()
+        return (display(chat.messages) if chat else gr.skip(), stats, *IDLE_BUTTONS)
+
+    @_refusing(lambda exc: (gr.skip(), gr.skip(), refusal(exc), None, gr.skip(), gr.skip()))
+    async def retry(self, ptr: dict, system: str, *sliders: float) -> tuple:
+        """Retry (also the chat window's ↻): a new reply to the last question."""
+        sampling = self._sampling(*sliders)
+        system = self._check_input(system, "system prompt")
+        ptr, _ = self._session(ptr)
+        await self._interrupt(self.engine, self._chat_sid(ptr))
+        chat = self.store.get(ptr["browser"], ptr["chat"])
+        if not without_last_reply(chat.messages):
+            return (*(gr.skip(),) * 4, *IDLE_BUTTONS)
+        claim, chat = self._begin(ptr, chat, without_last_reply, system, sampling)
+        return (ptr, display(chat.messages), "…", {"claim": claim}, *BUSY_BUTTONS)
+
+    @_refusing(lambda exc: (gr.skip(), gr.skip(), refusal(exc), None, gr.skip(), gr.skip()))
+    async def edit(self, ptr: dict, system: str, max_new_tokens: float, temperature: float, top_p: float,
+                   top_k: float, repetition_penalty: float, evt: gr.EditData) -> tuple:
+        """The chat window's ✎ on a question: change it, drop what came after, answer anew."""
+        sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        system = self._check_input(system, "system prompt")
+        text = self._check_input(_text(evt.value))
+        ptr, _ = self._session(ptr)
+        await self._interrupt(self.engine, self._chat_sid(ptr))
+        chat = self.store.get(ptr["browser"], ptr["chat"])
+        index = evt.index if isinstance(evt.index, int) else evt.index[0]
+        if not text or not 0 <= index < len(chat.messages) or chat.messages[index]["role"] != "user":
+            return (gr.skip(), display(chat.messages), gr.skip(), None, *IDLE_BUTTONS)
+        claim, chat = self._begin(ptr, chat, lambda ms: ms[:index] + [{"role": "user", "content": text}],
+                                  system, sampling)
+        return (ptr, display(chat.messages), "…", {"claim": claim}, *BUSY_BUTTONS)
+
+    @_refusing(lambda exc: (gr.skip(), gr.skip(), refusal(exc), None, gr.skip(), gr.skip()))
+    async def continue_reply(self, ptr: dict, system: str, *sliders: float) -> tuple:
+        """Continue: the model goes on with its last reply (after Stop or a cut at max tokens)."""
+        sampling = self._sampling(*sliders)
+        system = self._check_input(system, "system prompt")
+        ptr, _ = self._session(ptr)
+        await self._interrupt(self.engine, self._chat_sid(ptr))
+        chat = self.store.get(ptr["browser"], ptr["chat"])
+        last = chat.messages[-1] if chat.messages else None
+        if not last or last["role"] != "assistant" or last.get("error") or not last["content"]:
+            raise gr.Error("There is no reply to continue: send a message first.")
+        claim, chat = self._begin(ptr, chat, lambda ms: ms, system, sampling, continue_final=True)
+        return (ptr, display(chat.messages), "…", {"claim": claim, "continue": True}, *BUSY_BUTTONS)
+
+    async def undo(self, ptr: dict, box: str, evt: gr.UndoData | None = None) -> tuple:
+        """Undo (also the chat window's ↶): drop the last question and its reply; the question
+        goes back into the box, if the box is empty."""
+        ptr, _ = self._session(ptr)
+        await self._interrupt(self.engine, self._chat_sid(ptr))
+        question = ""
+
+        def change(c: Chat) -> None:
+            nonlocal question
+            at = evt.index if evt is not None and isinstance(evt.index, int) else \
+                max((i for i, m in enumerate(c.messages) if m["role"] == "user"), default=None)
+            if at is not None and 0 <= at < len(c.messages):
+                question = c.messages[at]["content"] if c.messages[at]["role"] == "user" else ""
+                c.messages = c.messages[:at]
+        chat, _ = self.store.update(ptr["browser"], ptr["chat"], change)
+        box_value = question if question and not (box or "").strip() else gr.skip()
+        return (display(chat.messages), box_value, "", *IDLE_BUTTONS)
+
+    async def clear(self, ptr: dict) -> tuple:
+        """Clear (also the chat window's 🗑): this chat starts over, in the store too."""
+        ptr, _ = self._session(ptr)
+        await self._interrupt(self.engine, self._chat_sid(ptr))
+        self.store.update(ptr["browser"], ptr["chat"], lambda c: setattr(c, "messages", []))
+        return ([], "", *IDLE_BUTTONS)
+
+    def like(self, ptr: dict, evt: gr.LikeData) -> None:
+        """👍 / 👎 on a reply, kept with the chat (python -m chat_ui.export_feedback)."""
+        ptr, _ = self._session(ptr)
+        index = evt.index if isinstance(evt.index, int) else evt.index[0]
+        liked = evt.liked
+        value = "like" if liked in (True, "Like") else "dislike" if liked in (False, "Dislike") else None
+
+        def change(c: Chat) -> None:
+            if 0 <= index < len(c.messages) and c.messages[index]["role"] == "assistant" \
+                    and not c.messages[index].get("error"):  # a notice is nothing to rate
+                if value:
+                    c.messages[index]["feedback"] = value
+                else:
+                    c.messages[index].pop("feedback", None)
+        self.store.update(ptr["browser"], ptr["chat"], change)
+
+    def accept_example(self, ptr: dict, system: str, max_new_tokens: float, temperature: float, top_p: float,
+                       top_k: float, repetition_penalty: float, evt: gr.SelectData) -> tuple:
+        """An example in the empty chat, clicked: sent at once."""
+        text = _text(evt.value.get("text") if isinstance(evt.value, dict) else evt.value)
+        out = self.accept(text, ptr, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty)
+        return out[1:]  # no box to empty
+
+    # -- the API: one call per action (gradio_client, /gradio_api/call/<name>) ------------------
+    async def send(self, message: str, ptr: dict, system: str, max_new_tokens: float,
+                   temperature: float, top_p: float, top_k: float, repetition_penalty: float
+                   ) -> AsyncIterator[tuple]:
+        """/send: the message in, the reply streamed out: (chat, box, stats)."""
         message = self._check_input(message)
         system = self._check_input(system, "system prompt")
         sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        before = list(history or [])
+        ptr, chat = self._session(ptr)
         if not message:
-            yield before, before, "", ""
+            yield display(chat.messages), "", "", ptr
             return
-        sid = self._sid(request, "chat")
-        claim = self._turns.claim(sid)
         try:
-            # no update until the reply starts: at a burst of users, one Gradio step per event less
-            history = before + [{"role": "user", "content": message}]
-            async for h, stats, refused in self._stream_reply(self.engine, history, system, sampling, sid):
-                if refused:
-                    # Refused before any output (too long for the context, ...): the message
-                    # goes back into the box, not into the conversation.
-                    h = before + [h[-1]]
-                    yield h, h, message, stats
-                    return
-                yield h, (h if stats != "…" else gr.skip()), "", stats
-        finally:
-            self._turns.release(sid, claim)
+            claim, chat = self._begin(ptr, chat, lambda ms: ms + [{"role": "user", "content": message}],
+                                      system, sampling)
+        except Refused as exc:  # refused before anything changed: shown in the chat, message kept
+            yield display(chat.messages + [error_message(exc.message)]), message, "", ptr
+            return
+        first = True
+        async for msgs, stats in self._answer(ptr, {"claim": claim}, sampling):
+            yield display(msgs), "", stats, (ptr if first else gr.skip())
+            first = False
+        if first:
+            yield display(chat.messages), "", "", ptr
 
-    async def retry(self, history: list[dict], system: str, max_new_tokens: float, temperature: float,
-                    top_p: float, top_k: float, repetition_penalty: float, request: gr.Request
-                    ) -> AsyncIterator[tuple]:
-        system = self._check_input(system, "system prompt")
-        sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        sid = self._sid(request, "chat")
-        claim = self._turns.claim(sid)
-        try:
-            history = without_last_reply(history or [])
-            if not history:
-                yield [], [], ""
-                return
-            yield history, history, "…"
-            async for h, stats, _ in self._stream_reply(self.engine, history, system, sampling, sid):
-                yield h, (h if stats != "…" else gr.skip()), stats
-        finally:
-            self._turns.release(sid, claim)
+    async def api_retry(self, ptr: dict, system: str, *sliders: float) -> AsyncIterator[tuple]:
+        ptr, _ = self._session(ptr)
+        out = await self.retry(ptr, system, *sliders)
+        pending = out[3]
+        if not isinstance(pending, dict):
+            chat = self.store.get(ptr["browser"], ptr["chat"])
+            yield display(chat.messages), "", ptr
+            return
+        async for msgs, stats in self._answer(ptr, pending, self._sampling(*sliders)):
+            yield display(msgs), stats, ptr
 
-    def undo(self, history: list[dict], request: gr.Request) -> tuple:
-        self._end_turn(self.engine, self._sid(request, "chat"))
-        history, question = without_last_exchange(history or [])
-        return history, history, question, ""
+    async def api_stop(self, ptr: dict) -> tuple:
+        return (await self.stop(ptr))[:2]
 
-    def clear(self, request: gr.Request) -> tuple:
-        self._end_turn(self.engine, self._sid(request, "chat"))
-        return [], [], "", ""
+    async def api_undo(self, ptr: dict) -> tuple:
+        chat, box, stats, *_ = await self.undo(ptr, "")
+        return chat, box if isinstance(box, str) else "", stats
 
-    def stop(self, history: list[dict], request: gr.Request) -> tuple:
-        """Stop: the reply so far stays, in the page and in the history."""
-        sid = self._sid(request, "chat")
-        live = self._live.get(sid)
-        self._end_turn(self.engine, sid)
-        return (live, "stopped") if live is not None else (gr.skip(), gr.skip())
+    async def api_clear(self, ptr: dict) -> tuple:
+        chat, stats, *_ = await self.clear(ptr)
+        return chat, "", stats
 
     # -- compare tab --------------------------------------------------------------------
     def _compare_engines(self, request: gr.Request) -> list[tuple[Engine, str]]:
         return [(self.engine, self._sid(request, "compare-a")),
                 (self.compare_engine, self._sid(request, "compare-b"))]
 
+    @_refusing(lambda exc: (gr.skip(),) * 5 + (refusal(exc), gr.skip(), None))
     def accept_compare(self, message: str, hist_a: list[dict], hist_b: list[dict], system: str,
                        max_new_tokens: float, temperature: float, top_p: float, top_k: float,
                        repetition_penalty: float, request: gr.Request) -> tuple:
@@ -281,11 +664,17 @@ class ChatUI:
         system = self._check_input(system, "system prompt")
         sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         if not message:
-            return (gr.skip(),) * 7 + (None,)
-        claim = self._accept(message, hist_a or [], system, sampling, self._sid(request, "compare"),
-                             [e for e, _ in self._compare_engines(request)])
+            return (gr.skip(),) * 8
+        sid = self._sid(request, "compare")
+        claim = self._turns.claim(sid)
         hists = [list(h or []) + [{"role": "user", "content": message}] for h in (hist_a, hist_b)]
-        return "", hists[0], hists[1], hists[0], hists[1], "…", "…", claim
+        try:
+            for (engine, _), h in zip(self._compare_engines(request), hists):
+                engine.check(to_engine_messages(h, system), sampling)
+        except EngineError as exc:
+            self._turns.release(sid, claim)
+            raise gr.Error(visitor_message(exc), title="Not sent") from None
+        return "", display(hists[0]), display(hists[1]), hists[0], hists[1], "…", "…", claim
 
     async def reply_compare(self, claim: int | None, hist_a: list[dict], hist_b: list[dict], system: str,
                             max_new_tokens: float, temperature: float, top_p: float, top_k: float,
@@ -296,34 +685,33 @@ class ChatUI:
         try:
             sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
             async for a, b, sa, sb in self._both_answer([list(hist_a), list(hist_b)], system, sampling, request):
-                yield a, b, a, b, sa, sb
+                yield display(a), display(b), a, b, sa, sb
         finally:
             self._turns.release(sid, claim)
 
     async def compare(self, message: str, hist_a: list[dict], hist_b: list[dict], system: str,
                       max_new_tokens: float, temperature: float, top_p: float, top_k: float,
                       repetition_penalty: float, request: gr.Request) -> AsyncIterator[tuple]:
-        """Compare, as one API call (/compare): both models answer the same question at the
-        same time, each with its own history."""
+        """/compare, as one API call: both models answer the same question at the same time,
+        each with its own history."""
         message = self._check_input(message)
         system = self._check_input(system, "system prompt")
         sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         if not message:
-            yield hist_a, hist_b, hist_a, hist_b, "", "", ""
+            yield display(hist_a or []), display(hist_b or []), hist_a, hist_b, "", "", ""
             return
         sid = self._sid(request, "compare")
         claim = self._turns.claim(sid)
         try:
             hists = [list(h or []) + [{"role": "user", "content": message}] for h in (hist_a, hist_b)]
-            yield hists[0], hists[1], hists[0], hists[1], "", "…", "…"
             async for a, b, sa, sb in self._both_answer(hists, system, sampling, request):
-                yield a, b, a, b, "", sa, sb
+                yield display(a), display(b), a, b, "", sa, sb
         finally:
             self._turns.release(sid, claim)
 
     async def _both_answer(self, hists: list[list[dict]], system: str, sampling: SamplingParams,
                            request: gr.Request) -> AsyncIterator[tuple]:
-        """Both models' replies as they stream: (history a, history b, stats a, stats b)."""
+        """Both models' replies as they stream: (messages a, messages b, stats a, stats b)."""
         streams = [self._stream_reply(engine, hists[i], system, sampling, sid)
                    for i, (engine, sid) in enumerate(self._compare_engines(request))]
         shown, stats = list(hists), ["…", "…"]
@@ -345,20 +733,20 @@ class ChatUI:
             for s in streams:
                 await s.aclose()
 
-    def stop_compare(self, request: gr.Request) -> None:
-        self._end_turn(None, self._sid(request, "compare"))
+    async def stop_compare(self, request: gr.Request) -> None:
+        self._turns.release(self._sid(request, "compare"))
         for engine, sid in self._compare_engines(request):
             if engine is not None:
                 engine.cancel(sid)
 
-    def clear_compare(self, request: gr.Request) -> tuple:
-        self.stop_compare(request)
+    async def clear_compare(self, request: gr.Request) -> tuple:
+        await self.stop_compare(request)
         return [], [], [], [], "", "", ""
 
-    def on_leave(self, request: gr.Request) -> None:
-        """A visitor closed the page: stop whatever they left running."""
-        self._end_turn(self.engine, self._sid(request, "chat"))
-        self.stop_compare(request)
+    async def on_leave(self, request: gr.Request) -> None:
+        """A visitor closed the page: the Compare tab stops. A chat's reply, if one streams, is
+        stopped with the stream and saved as far as it got (the chat is there on return)."""
+        await self.stop_compare(request)
 
     # -- layout -------------------------------------------------------------------------
     def build(self) -> gr.Blocks:
@@ -369,93 +757,226 @@ class ChatUI:
         # traffic (yappi). The app has no monitoring page: keep a short record, summed rarely.
         os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
         os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
+        secret = self.store.secret() if isinstance(self.store, SQLiteStore) else None
+        defaults = self._default_settings()
+        examples = [{"text": e} for e in s.example_list()]
         # No analytics calls from a public deployment; Gradio's cache (nothing lands there
         # while uploads are refused) is swept hourly of files older than an hour.
         with gr.Blocks(title=s.title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-            gr.Markdown(f"## {s.title}")
-            with gr.Accordion("Generation settings", open=False):
-                system = gr.Textbox(s.system_prompt, label="System prompt", lines=2,
-                                    max_length=s.max_input_chars)
+            browser = gr.BrowserState("", storage_key="chat-app-browser", secret=secret)
+            ptr = gr.State({})
+            with gr.Sidebar(open=False, label="Chats"):
+                new_btn = gr.Button("+ New chat", size="sm", elem_id="new_chat")
+                chat_list = gr.Radio(choices=[], label="Your chats (kept in this browser)", elem_id="chat_list")
                 with gr.Row():
-                    max_new = gr.Slider(1, max(4096, s.max_new_tokens), value=s.max_new_tokens, step=1,
-                                        label="Max new tokens")
-                    temperature = gr.Slider(0, 2, value=s.temperature, step=0.05,
-                                            label="Temperature (0 = greedy)")
-                    top_p = gr.Slider(0.05, 1, value=SamplingParams.top_p, step=0.05, label="Top-p")
-                    top_k = gr.Slider(0, 100, value=SamplingParams.top_k, step=1, label="Top-k (0 = off)")
-                    rep = gr.Slider(1, 2, value=SamplingParams.repetition_penalty, step=0.01,
+                    title_box = gr.Textbox(label="Rename this chat", placeholder="New title", scale=3,
+                                           elem_id="rename_box")
+                    rename_btn = gr.Button("Rename", size="sm", scale=1, elem_id="rename")
+                delete_btn = gr.Button("Delete this chat", size="sm", variant="secondary", elem_id="delete_chat")
+                with gr.Accordion("Generation settings", open=False, elem_id="settings"):
+                    system = gr.Textbox(s.system_prompt, label="System prompt", lines=3,
+                                        elem_id="system")
+                    max_new = gr.Slider(1, self._max_new_cap(), value=defaults["max_new_tokens"], step=1,
+                                        label="Max new tokens", elem_id="max_new")
+                    temperature = gr.Slider(0, 2, value=defaults["temperature"], step=0.05,
+                                            label="Temperature (0 = greedy)", elem_id="temperature")
+                    top_p = gr.Slider(0.05, 1, value=defaults["top_p"], step=0.05, label="Top-p")
+                    top_k = gr.Slider(0, 100, value=defaults["top_k"], step=1, label="Top-k (0 = off)")
+                    rep = gr.Slider(1, 2, value=defaults["repetition_penalty"], step=0.01,
                                     label="Repetition penalty")
-            sampling = [system, max_new, temperature, top_p, top_k, rep]
+                with gr.Accordion("Export / import", open=False, elem_id="export"):
+                    fmt = gr.Radio(["JSON (training format)", "Markdown"], value="JSON (training format)",
+                                   label="Export this chat as")
+                    export_btn = gr.Button("Export", size="sm", elem_id="export_btn")
+                    export_file = gr.File(label="Download", visible=False, interactive=False, elem_id="export_file")
+                    import_box = gr.Textbox(label="Import a chat: paste its JSON", lines=3, elem_id="import_box")
+                    import_btn = gr.Button("Import", size="sm", elem_id="import_btn")
+                    import_note = gr.Markdown("")
+            sliders = [max_new, temperature, top_p, top_k, rep]
+            gr.Markdown(f"## {s.title}")
+            banner = gr.Markdown("", visible=False, elem_id="banner")
+            hint = gr.Markdown("", elem_id="system_hint")
             with gr.Tabs():
                 with gr.Tab("Chat"):
-                    history, claim = gr.State([]), gr.State(None)
-                    chatbot = gr.Chatbot(label=self.label, height=480, elem_id="chatbot")
+                    pending = gr.State(None)
+                    chatbot = gr.Chatbot(label=self.label, height=480, elem_id="chatbot", placeholder=WELCOME,
+                                         examples=examples or None, editable="user",
+                                         feedback_options=("Like", "Dislike"), buttons=["copy", "copy_all"],
+                                         latex_delimiters=LATEX, autoscroll=True)
                     stats = gr.Markdown("", elem_id="stats")
+                    with gr.Row(elem_id="input_bar"):
+                        box = gr.Textbox(label="Message", show_label=False, autofocus=True, lines=1, max_lines=8,
+                                         placeholder="Type a message and press Enter", scale=8, elem_id="input")
+                        send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+                        stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop",
+                                             visible=False)
+                    counter = gr.HTML("", elem_id="counter")
                     with gr.Row():
-                        box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False,
-                                         scale=8, max_length=s.max_input_chars, elem_id="input")
-                        send_btn = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                        stop_btn = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
-                    with gr.Row():
-                        retry_btn = gr.Button("Retry", size="sm")
-                        undo_btn = gr.Button("Undo", size="sm")
-                        clear_btn = gr.Button("Clear", size="sm")
-                    if s.example_list():
-                        gr.Examples(s.example_list(), inputs=box, label="Examples")
-                    outs = [chatbot, history, box, stats]
-                    # In the page, Send is two events (as gr.ChatInterface does it): one that
-                    # takes the message at once, and one that streams the reply into the chat
-                    # alone, so no streamed update touches the box (re-rendering an untouched
-                    # component per update was the app's main cost at 64 users).
-                    ev_accept = gr.on([box.submit, send_btn.click], self.accept, [box, history, *sampling],
-                                      [box, chatbot, history, stats, claim], queue=False,
-                                      api_visibility="undocumented", trigger_mode="once")
-                    ev_reply = ev_accept.success(self.reply, [claim, history, *sampling], [chatbot, history, stats],
-                                                 api_visibility="undocumented", **gen)
-                    api_send = gr.Button(visible=False)  # /send: the same, as one API call
-                    # pre/postprocess=False: API clients send and take plain values (checked here),
-                    # and a streamed update costs Gradio no component round trip per output
-                    ev_api = api_send.click(self.send, [box, history, *sampling], outs, api_name="send",
-                                            preprocess=False, postprocess=False, **gen)
-                    ev_retry = retry_btn.click(self.retry, [history, *sampling], [chatbot, history, stats],
-                                               api_name="retry", trigger_mode="once", **gen)
-                    running = [ev_reply, ev_api, ev_retry]
-                    undo_btn.click(self.undo, [history], outs, api_name="undo", cancels=running)
-                    clear_btn.click(self.clear, None, outs, api_name="clear", cancels=running)
-                    stop_btn.click(self.stop, [history], [history, stats], api_name="stop", cancels=running)
+                        small = dict(size="sm", min_width=60)  # one row on a phone too
+                        retry_btn = gr.Button("Retry", elem_id="retry", **small)
+                        continue_btn = gr.Button("Continue", elem_id="continue", **small)
+                        undo_btn = gr.Button("Undo", elem_id="undo", **small)
+                        clear_btn = gr.Button("Clear", elem_id="clear", **small)
+                    buttons = [send_btn, stop_btn]
+                    view = [chat_list, chatbot, system, *sliders, hint]
+
+                    # a character counter in the browser, no server round trip per keystroke
+                    box.change(None, [box], [counter], js=_counter_js(s.max_input_chars), queue=False)
+
+                    def then_reply(ev: Any) -> Any:
+                        streaming = ev.success(self.reply, [pending, ptr, *sliders], [chatbot, stats],
+                                               api_visibility="private", **gen)
+                        streaming.then(self.idle, [ptr], [*buttons, chat_list], api_visibility="private",
+                                       queue=False)
+                        return streaming
+
+                    # queued (no limit, so at once) for its warnings to reach the page as toasts
+                    ev_accept = gr.on([box.submit, send_btn.click], self.accept, [box, ptr, system, *sliders],
+                                      [box, ptr, chatbot, stats, pending, chat_list, *buttons],
+                                      concurrency_limit=None, api_visibility="private", trigger_mode="once")
+                    ev_example = chatbot.example_select(self.accept_example, [ptr, system, *sliders],
+                                                        [ptr, chatbot, stats, pending, chat_list, *buttons],
+                                                        concurrency_limit=None, api_visibility="private")
+                    # (page events are private, under names of their own: the API's names stay free)
+                    ev_retry = gr.on([retry_btn.click, chatbot.retry], self.retry, [ptr, system, *sliders],
+                                     [ptr, chatbot, stats, pending, *buttons], api_name="page_retry",
+                                     api_visibility="private")
+                    ev_edit = chatbot.edit(self.edit, [ptr, system, *sliders], [ptr, chatbot, stats, pending, *buttons],
+                                           api_visibility="private")
+                    ev_cont = continue_btn.click(self.continue_reply, [ptr, system, *sliders],
+                                                 [ptr, chatbot, stats, pending, *buttons], api_visibility="private")
+                    replies = [then_reply(ev) for ev in (ev_accept, ev_example, ev_retry, ev_edit, ev_cont)]
+
+                    # the API, one call per action
+                    api = gr.Button(visible=False)
+                    ev_api = api.click(self.send, [box, ptr, system, *sliders], [chatbot, box, stats, ptr],
+                                       api_name="send", preprocess=False, postprocess=False, **gen)
+                    api_retry = gr.Button(visible=False)
+                    ev_api_retry = api_retry.click(self.api_retry, [ptr, system, *sliders], [chatbot, stats, ptr],
+                                                   api_name="retry", preprocess=False, postprocess=False, **gen)
+                    running = replies + [ev_api, ev_api_retry]
+                    gr.Button(visible=False).click(self.api_undo, [ptr], [chatbot, box, stats], api_name="undo",
+                                                   postprocess=False)
+                    gr.Button(visible=False).click(self.api_clear, [ptr], [chatbot, box, stats], api_name="clear",
+                                                   postprocess=False)
+                    gr.Button(visible=False).click(self.api_stop, [ptr], [chatbot, stats], api_name="stop",
+                                                   postprocess=False)
+
+                    stop_btn.click(self.stop, [ptr], [chatbot, stats, *buttons], cancels=running,
+                                   api_name="page_stop", api_visibility="private")
+                    gr.on([undo_btn.click, chatbot.undo], self.undo, [ptr, box], [chatbot, box, stats, *buttons],
+                          cancels=running, api_name="page_undo", api_visibility="private")
+                    gr.on([clear_btn.click, chatbot.clear], self.clear, [ptr], [chatbot, stats, *buttons],
+                          cancels=running, api_name="page_clear", api_visibility="private")
+                    chatbot.like(self.like, [ptr], None, api_visibility="private", queue=False)
+
+                    new_btn.click(self.new_chat, [ptr, system, *sliders], [ptr, *view, stats], cancels=running,
+                                  api_visibility="private")
+                    chat_list.input(self.switch_chat, [ptr, chat_list], [ptr, *view, stats], cancels=running,
+                                    api_visibility="private")
+                    gr.on([rename_btn.click, title_box.submit], self.rename_chat, [ptr, title_box],
+                          [chat_list, title_box], api_visibility="private", queue=False)
+                    delete_btn.click(self.delete_chat, [ptr], [ptr, *view, stats], cancels=running,
+                                     api_visibility="private")
+                    gr.on([system.blur, *[sl.release for sl in sliders]], self.save_settings, [ptr, system, *sliders],
+                          [ptr, hint], api_visibility="private", concurrency_limit=None)
+                    export_btn.click(self.export_chat, [ptr, fmt], [export_file], api_visibility="private")
+                    import_btn.click(self.import_chat, [ptr, import_box], [ptr, *view, import_note, import_box],
+                                     cancels=running, api_visibility="private")
                 if self.compare_engine is not None:
-                    with gr.Tab("Compare"):
-                        hist_a, hist_b, cclaim = gr.State([]), gr.State([]), gr.State(None)
-                        with gr.Row():
-                            with gr.Column():
-                                chat_a = gr.Chatbot(label=self.label, height=440, elem_id="chat_a")
-                                stats_a = gr.Markdown("", elem_id="stats_a")
-                            with gr.Column():
-                                chat_b = gr.Chatbot(label=self.compare_label, height=440, elem_id="chat_b")
-                                stats_b = gr.Markdown("", elem_id="stats_b")
-                        with gr.Row():
-                            cbox = gr.Textbox(placeholder="One question, both models answer",
-                                              show_label=False, scale=8, max_length=s.max_input_chars)
-                            cmp_btn = gr.Button("Ask both", variant="primary", scale=1)
-                            cstop = gr.Button("Stop", variant="stop", scale=1)
-                            cclear = gr.Button("Clear", scale=1)
-                        if s.example_list():
-                            gr.Examples(s.example_list(), inputs=cbox, label="Examples")
-                        couts = [chat_a, chat_b, hist_a, hist_b, cbox, stats_a, stats_b]
-                        cin = [cbox, hist_a, hist_b, *sampling]
-                        ev_caccept = gr.on([cbox.submit, cmp_btn.click], self.accept_compare, cin,
-                                           [cbox, chat_a, chat_b, hist_a, hist_b, stats_a, stats_b, cclaim],
-                                           queue=False, api_visibility="undocumented", trigger_mode="once")
-                        ev_creply = ev_caccept.success(
-                            self.reply_compare, [cclaim, hist_a, hist_b, *sampling],
-                            [chat_a, chat_b, hist_a, hist_b, stats_a, stats_b], api_visibility="undocumented", **gen)
-                        api_compare = gr.Button(visible=False)
-                        ev_capi = api_compare.click(self.compare, cin, couts, api_name="compare", **gen)
-                        crunning = [ev_creply, ev_capi]
-                        cstop.click(self.stop_compare, None, None, api_name="stop_compare", cancels=crunning)
-                        cclear.click(self.clear_compare, None, couts, api_name="clear_compare", cancels=crunning)
+                    self._build_compare(system, sliders, gen)
+            demo.load(self.on_load, [browser], [browser, ptr, *view, stats, banner], api_visibility="private")
             demo.unload(self.on_leave)
         return demo
+
+    def _build_compare(self, system: Any, sliders: list, gen: dict) -> None:
+        s = self.settings
+        with gr.Tab("Compare"):
+            hist_a, hist_b, cclaim = gr.State([]), gr.State([]), gr.State(None)
+            with gr.Row():
+                with gr.Column():
+                    chat_a = gr.Chatbot(label=self.label, height=440, elem_id="chat_a", latex_delimiters=LATEX,
+                                        buttons=["copy_all"], feedback_options=None)
+                    stats_a = gr.Markdown("", elem_id="stats_a")
+                with gr.Column():
+                    chat_b = gr.Chatbot(label=self.compare_label, height=440, elem_id="chat_b",
+                                        latex_delimiters=LATEX, buttons=["copy_all"], feedback_options=None)
+                    stats_b = gr.Markdown("", elem_id="stats_b")
+            with gr.Row():
+                cbox = gr.Textbox(label="Question for both models", show_label=False, scale=8,
+                                  placeholder="One question, both models answer", elem_id="cmp_input")
+                cmp_btn = gr.Button("Ask both", variant="primary", scale=1, elem_id="cmp_send")
+                cstop = gr.Button("Stop", variant="stop", scale=1, elem_id="cmp_stop")
+                cclear = gr.Button("Clear", scale=1)
+            if s.example_list():
+                gr.Examples(s.example_list(), inputs=cbox, label="Examples")
+            couts = [chat_a, chat_b, hist_a, hist_b, cbox, stats_a, stats_b]
+            cin = [cbox, hist_a, hist_b, system, *sliders]
+            ev_caccept = gr.on([cbox.submit, cmp_btn.click], self.accept_compare, cin,
+                               [cbox, chat_a, chat_b, hist_a, hist_b, stats_a, stats_b, cclaim],
+                               concurrency_limit=None, api_visibility="private", trigger_mode="once")
+            ev_creply = ev_caccept.success(
+                self.reply_compare, [cclaim, hist_a, hist_b, system, *sliders],
+                [chat_a, chat_b, hist_a, hist_b, stats_a, stats_b], api_visibility="private", **gen)
+            api_compare = gr.Button(visible=False)
+            ev_capi = api_compare.click(self.compare, cin, couts, api_name="compare", preprocess=False,
+                                        postprocess=False, **gen)
+            crunning = [ev_creply, ev_capi]
+            cstop.click(self.stop_compare, None, None, api_name="stop_compare", cancels=crunning)
+            cclear.click(self.clear_compare, None, couts, api_name="clear_compare", cancels=crunning)
+
+
+class Refused(gr.Error):
+    """A request the engine refused before anything changed (too long for the context, ...)."""
+
+
+class _Buttons:
+    """Send and Stop: one shows at a time (fresh update dicts: Gradio edits them in place)."""
+
+    def __iter__(self) -> Iterator[dict]:
+        yield from (gr.update(visible=not self.busy), gr.update(visible=self.busy))
+
+    def __init__(self, busy: bool):
+        self.busy = busy
+
+
+BUSY_BUTTONS, IDLE_BUTTONS = _Buttons(True), _Buttons(False)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, dict):
+        return str(value.get("text") or value.get("content") or "")
+    if isinstance(value, list):
+        return "".join(_text(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def check_ok(text: str) -> bool:
+    try:
+        check_text(text, "text")
+        return True
+    except InvalidRequest:
+        return False
+
+
+def system_hint(system: str) -> str:
+    system = " ".join((system or "").split())
+    if not system:
+        return ""
+    return (f"System prompt active: “{system[:90]}{'…' if len(system) > 90 else ''}” "
+            "(change it in the side panel, under Generation settings)")
+
+
+def _counter_js(limit: int) -> str:
+    return ("(t) => { const n = [...(t || '')].length; if (n <= %d * 0.8) return ''; "
+            "const over = n > %d; return `<span class=\"${over ? 'over' : ''}\">${n.toLocaleString()} / "
+            "%s characters${over ? ' — too long to send: please shorten it' : ''}</span>`; }"
+            % (limit, limit, f"{limit:,}"))
+
+
+def _settings_dict(sampling: SamplingParams) -> dict:
+    return dict(max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=sampling.top_k, repetition_penalty=sampling.repetition_penalty)
 
 
 def _name_of(engine: Engine) -> str:
@@ -484,6 +1005,19 @@ def visitor_message(exc: EngineError) -> str:
     if exc.message.startswith("out of memory"):
         return "The model ran out of memory. Try a shorter conversation or fewer new tokens."
     return "The model failed to answer. Please try again."
+
+
+def stats_error(exc: EngineError) -> str:
+    """The stats line under a failed reply: what happened, in a few words, and what to do."""
+    if isinstance(exc, ContextOverflow):
+        fits = exc.max_new_tokens_that_fit
+        return "Not sent: too long for the model's context. " + (
+            f"Lower Max new tokens to {fits:,} or shorten the message." if fits else "Shorten the message.")
+    if isinstance(exc, BackendUnavailable):
+        return "No reply: the model server is not reachable. Try again in a minute."
+    if isinstance(exc, SessionBusy):
+        return "Not sent: a reply is still being written."
+    return "No reply: " + visitor_message(exc)
 
 
 def _log_event(sid: str, usage: Usage | None, status: str) -> None:
@@ -523,4 +1057,4 @@ def launch(demo: gr.Blocks, settings: AppSettings, prevent_thread_lock: bool = F
         app_kwargs={"middleware": [Middleware(RequestLimits, max_bytes=MAX_BODY_BYTES, refused=("/upload",),
                                               refused_reason="this app takes no uploads")]},
         allowed_paths=[], show_error=False, ssr_mode=False, run_history=False,
-        prevent_thread_lock=prevent_thread_lock, css=CSS)
+        prevent_thread_lock=prevent_thread_lock, css=CSS, head=HEAD)

@@ -42,6 +42,13 @@ class ApiEngine(Engine):
             self._model = models[0].id
         return self._model
 
+    def health(self) -> str:
+        try:  # one quick look, no retries: this runs while a page loads
+            self.client.with_options(timeout=3.0, max_retries=0).models.list()
+            return ""
+        except Exception as exc:
+            return f"api: {self.settings.base_url} does not answer: {_describe(exc)}"
+
     # -- requests ---------------------------------------------------------------------
     def _request(self, messages: list[Message], sampling: SamplingParams) -> dict:
         if self.settings.escape_control_tokens:
@@ -85,6 +92,8 @@ class ApiEngine(Engine):
         import openai
 
         req = self._request(gen.messages, gen.sampling)
+        if gen.continue_final:  # vLLM's names for it; our server takes them too
+            req["extra_body"].update(continue_final_message=True, add_generation_prompt=False)
         streams: list = []
 
         def close_streams() -> None:

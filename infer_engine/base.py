@@ -199,8 +199,9 @@ class SessionRegistry(Generic[T]):
         return len(self._items)
 
 
-def check_messages(messages: Sequence[Message]) -> list[Message]:
-    """Validate an OpenAI-style message list; flatten list-of-parts content to text."""
+def check_messages(messages: Sequence[Message], continue_final: bool = False) -> list[Message]:
+    """Validate an OpenAI-style message list; flatten list-of-parts content to text. The last
+    message is the user's question, or with continue_final the reply to go on with."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequest("messages must be a non-empty list", param="messages")
     out = []
@@ -219,8 +220,11 @@ def check_messages(messages: Sequence[Message]) -> list[Message]:
                                      param=f"{where}.content")
             content = "".join(parts)
         out.append({"role": role, "content": check_text(content, f"{where}.content")})
-    if out[-1]["role"] != "user":
-        raise InvalidRequest("the last message must have role 'user'", param=f"messages[{len(out) - 1}].role")
+    last = "assistant" if continue_final else "user"
+    if out[-1]["role"] != last or not any(m["role"] == "user" for m in out):
+        raise InvalidRequest(f"the last message must have role {last!r}" + (
+            " (the reply to continue) after a user message" if continue_final else ""),
+            param=f"messages[{len(out) - 1}].role")
     return out
 
 
@@ -230,9 +234,10 @@ class Generation:
     cancellation flag with callbacks (abort an engine session, close an HTTP stream)."""
 
     def __init__(self, session_id: str, messages: list[Message], prompt_ids: list[int] | None,
-                 sampling: SamplingParams):
+                 sampling: SamplingParams, continue_final: bool = False):
         self.session_id, self.messages, self.prompt_ids, self.sampling = \
             session_id, messages, prompt_ids, sampling
+        self.continue_final = continue_final  # the last message is a reply to go on with
         self.cancelled = threading.Event()
         self._callbacks: list[Callable[[], Any]] = []
         self._lock = threading.Lock()
@@ -281,24 +286,27 @@ class Engine(abc.ABC):
         in `finally`). Raise EngineError subclasses for failures."""
 
     def stream_chat(self, messages: Sequence[Message], sampling: SamplingParams | None = None,
-                    session_id: str = "default") -> Iterator[Delta]:
+                    session_id: str = "default", continue_final: bool = False) -> Iterator[Delta]:
         """Yield text deltas; the last Delta carries Usage. Bad input raises EngineError
-        subclasses here, at the call; the session is taken on the first `next()`."""
-        return self._stream(self._prepare(messages, sampling, session_id))
+        subclasses here, at the call; the session is taken on the first `next()`. With
+        continue_final the last message is an assistant reply that the model goes on with
+        (the deltas are what it adds)."""
+        return self._stream(self._prepare(messages, sampling, session_id, continue_final))
 
-    def check(self, messages: Sequence[Message], sampling: SamplingParams | None = None) -> None:
+    def check(self, messages: Sequence[Message], sampling: SamplingParams | None = None,
+              continue_final: bool = False) -> None:
         """Raise what `stream_chat` would raise for this request (bad input, too long for the
         context) without generating anything."""
-        self._prepare(messages, sampling, "")
+        self._prepare(messages, sampling, "", continue_final)
 
     def _prepare(self, messages: Sequence[Message], sampling: SamplingParams | None,
-                 session_id: str) -> Generation:
+                 session_id: str, continue_final: bool = False) -> Generation:
         sampling = (sampling or SamplingParams()).validate()
-        msgs = check_messages(messages)
+        msgs = check_messages(messages, continue_final)
         ids = None
         if self.prompt is not None:
-            msgs, ids = self.prompt.fit(msgs, self.session_len, sampling.max_new_tokens)
-        return Generation(session_id, msgs, ids, sampling)
+            msgs, ids = self.prompt.fit(msgs, self.session_len, sampling.max_new_tokens, continue_final)
+        return Generation(session_id, msgs, ids, sampling, continue_final)
 
     def _stream(self, gen: Generation) -> Iterator[Delta]:
         self._sessions.add(gen.session_id, gen)
@@ -354,6 +362,10 @@ class Engine(abc.ABC):
             return False
         gen.cancel()
         return True
+
+    def health(self) -> str:
+        """"" when the engine can answer now, else what is wrong (one line, for operators)."""
+        return ""
 
     def running_sessions(self) -> list[str]:
         """Session ids with a generation running now."""

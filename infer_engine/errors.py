@@ -22,7 +22,12 @@ class InvalidRequest(EngineError, ValueError):
 
 
 class ContextOverflow(InvalidRequest):
-    """The newest message alone does not fit into the context window."""
+    """The newest message alone does not fit into the context window. `max_new_tokens_that_fit`
+    says how many new tokens would still fit with this prompt (None: not even a few)."""
+
+    def __init__(self, message: str, param: str | None = None, max_new_tokens_that_fit: int | None = None):
+        super().__init__(message, param)
+        self.max_new_tokens_that_fit = max_new_tokens_that_fit
 
 
 class SessionBusy(InvalidRequest):

@@ -70,7 +70,7 @@ class LMDeployEngine(Engine):
     def generate(self, gen: Generation) -> Iterator[Piece]:
         session = self.pipe.session()
         gen.on_cancel(session.abort)
-        outputs = self.pipe.stream_infer(self.prompt.text(gen.messages), sessions=session,
+        outputs = self.pipe.stream_infer(self.prompt.text(gen.messages, gen.continue_final), sessions=session,
                                          gen_config=generation_config(gen.sampling,
                                                                       self.prompt.stop_token_ids),
                                          do_preprocess=False)

@@ -132,7 +132,14 @@ class ChatPrompt:
         return cls(AutoTokenizer.from_pretrained(model_path, trust_remote_code=True), template, model_type)
 
     # -- rendering -------------------------------------------------------------------
-    def segments(self, messages: Sequence[dict]) -> list[Segment]:
+    def segments(self, messages: Sequence[dict], continue_final: bool = False) -> list[Segment]:
+        """With continue_final the last message is the start of the assistant's reply, which
+        the model goes on with: the conversation before it, the generation prompt, that text,
+        and no end-of-turn after it."""
+        if continue_final:
+            head = messages[:-1]
+            return self.segments(head) + [Segment(messages[-1]["content"], False)] if messages[-1]["content"] \
+                else self.segments(head)
         return self._named_segments(messages) if self.named else self._jinja_segments(messages)
 
     def _named_segments(self, messages: Sequence[dict]) -> list[Segment]:
@@ -166,9 +173,9 @@ class ChatPrompt:
         segs.append(Segment(rendered[pos:], True))
         return [s for s in segs if s.text]
 
-    def encode(self, messages: Sequence[dict]) -> list[int]:
+    def encode(self, messages: Sequence[dict], continue_final: bool = False) -> list[int]:
         """Token ids with content encoded as plain text (special-token parsing off)."""
-        return self._encode_segments(self.segments(messages), {})
+        return self._encode_segments(self.segments(messages, continue_final), {})
 
     def _encode_segments(self, segments: Sequence[Segment], cache: dict) -> list[int]:
         """Encode segment by segment (ids are additive over segments), each distinct segment
@@ -190,10 +197,10 @@ class ChatPrompt:
             ids += cache[seg]
         return ids
 
-    def text(self, messages: Sequence[dict]) -> str:
+    def text(self, messages: Sequence[dict], continue_final: bool = False) -> str:
         """The prompt as one string for engines that tokenize it themselves (no leading BOS:
         they add it), with control tokens in content neutralised."""
-        segs = self.segments(messages)
+        segs = self.segments(messages, continue_final)
         bos = self.tokenizer.bos_token
         if bos and segs and segs[0].trusted and segs[0].text.startswith(bos):
             segs[0] = Segment(segs[0].text[len(bos):], True)
@@ -201,8 +208,8 @@ class ChatPrompt:
                        for s in segs)
 
     # -- context window ----------------------------------------------------------------
-    def fit(self, messages: Sequence[dict], session_len: int, max_new_tokens: int
-            ) -> tuple[list[dict], list[int]]:
+    def fit(self, messages: Sequence[dict], session_len: int, max_new_tokens: int,
+            continue_final: bool = False) -> tuple[list[dict], list[int]]:
         """Keep the system messages and as many of the newest turns as fit with max_new_tokens,
         dropping the oldest first. A turn is a user message and the replies up to the next one.
 
@@ -228,7 +235,7 @@ class ChatPrompt:
             sub = kept(k)
             if sum(len(m["content"]) for m in sub) > budget * self.max_token_chars:
                 return None  # too long whatever it holds: not worth tokenizing
-            ids = self._encode_segments(self.segments(sub), cache)
+            ids = self._encode_segments(self.segments(sub, continue_final), cache)
             return ids if len(ids) <= budget else None
 
         best = encoded(len(starts))
@@ -236,7 +243,7 @@ class ChatPrompt:
             return msgs, best
         best = encoded(1)
         if best is None:
-            raise self._overflow(kept(1), session_len, max_new_tokens, cache)
+            raise self._overflow(kept(1), session_len, max_new_tokens, cache, continue_final)
         lo, hi = 1, len(starts)  # lo turns fit, hi turns do not
         k = 2
         while k < hi:  # double from the newest turn...
@@ -255,8 +262,9 @@ class ChatPrompt:
         return kept(lo), best
 
     def _overflow(self, sub: list[dict], session_len: int, max_new_tokens: int,
-                  cache: dict) -> ContextOverflow:
-        """Say what is too long: the system prompt, or the newest message."""
+                  cache: dict, continue_final: bool = False) -> ContextOverflow:
+        """Say what is too long: the system prompt, or the newest message; and how many new
+        tokens would fit with this prompt."""
         def size(ms: list[dict]) -> tuple[int, str]:  # (tokens or a lower bound, as words)
             chars = sum(len(m["content"]) for m in ms)
             if chars > session_len * self.max_token_chars:  # too long to be worth tokenizing
@@ -272,8 +280,13 @@ class ChatPrompt:
                 return ContextOverflow(f"the system prompt is {words}; {room}: shorten the system "
                                        "prompt or lower max_new_tokens", param="messages")
         _, words = size([sub[-1]])
+        fits = None
+        if sum(len(m["content"]) for m in sub) <= session_len * self.max_token_chars:
+            left = session_len - len(self._encode_segments(self.segments(sub, continue_final), cache))
+            fits = left if left >= 16 else None  # fewer would hardly be an answer
         return ContextOverflow(f"the last message is {words}" + (" (plus the system prompt)" if system else "")
-                               + f"; {room}: shorten it or lower max_new_tokens", param="messages")
+                               + f"; {room}: shorten it or lower max_new_tokens"
+                               + (f" to {fits}" if fits else ""), param="messages", max_new_tokens_that_fit=fits)
 
     # -- stop words --------------------------------------------------------------------
     def _stop_words(self) -> list[str]:

@@ -26,14 +26,15 @@ class SyntheticEngine(Engine):
         self.max_concurrency = 1024  # no model: any number of streams
 
     def reply_words(self, gen: Generation) -> Iterator[str]:
-        question = gen.messages[-1]["content"]
+        """The whole reply to the last question; continuing a reply, what comes after it."""
+        question = gen.messages[-2 if gen.continue_final else -1]["content"]
+        done = len(gen.messages[-1]["content"].split()) if gen.continue_final else 0
         words = ["You", " said:"] + [" " + w for w in question.split()]
-        yield from words
-        n = len(words)
-        target = gen.sampling.max_new_tokens if gen.sampling.ignore_eos else self.settings.reply_tokens
-        while n < target:
-            n += 1
-            yield f" w{n}"
+        target = self.settings.reply_tokens
+        if gen.sampling.ignore_eos:
+            target = done + gen.sampling.max_new_tokens
+        words += [f" w{n}" for n in range(len(words) + 1, target + 1)]
+        yield from words[done:]
 
     def generate(self, gen: Generation) -> Iterator[Piece]:
         tps, limit = self.settings.tokens_per_s, gen.sampling.max_new_tokens

@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -118,7 +119,8 @@ def app_stream(port: int, text: str, new_tokens: int, user: str) -> Stream:
         elif line.startswith("data: ") and event == "error":
             s.error = line[6:]
     s.total = time.perf_counter() - t0
-    if data and isinstance(data[-1], str) and (m := re.search(r"(\d+) tokens", data[-1])):
+    stats = next((x for x in data or [] if isinstance(x, str) and "tokens" in x), "")  # (chat, box, stats)
+    if m := re.search(r"(\d+) tokens", stats):
         s.tokens = int(m.group(1))
     conn.close()
     return s
@@ -299,7 +301,8 @@ def main() -> None:
             cmd = [sys.executable, "-m", "infer_engine.server", "--port", str(port), *engine_argv]
         else:
             cmd = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port),
-                   "--queue-size", str(max(users) * 2), *args.app_arg, *engine_argv]
+                   "--queue-size", str(max(users) * 2), "--history-path",  # chats kept, as by default
+                   str(Path(tempfile.mkdtemp(prefix="bench-chats-")) / "chats.sqlite3"), *args.app_arg, *engine_argv]
         log = open(Path(args.logs) / f"{path}.log", "w") if args.logs else subprocess.DEVNULL
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

@@ -73,8 +73,8 @@ class Recorder(Engine):
     def generate(self, gen):
         return self.inner.generate(gen)
 
-    def stream_chat(self, messages, sampling=None, session_id="default"):
-        stream = super().stream_chat(messages, sampling, session_id)
+    def stream_chat(self, messages, sampling=None, session_id="default", continue_final=False):
+        stream = super().stream_chat(messages, sampling, session_id, continue_final)
 
         def recorded():
             for d in stream:

@@ -17,7 +17,7 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError, AuthenticationError
 
-from chat_ui.history import ERROR_TITLE, text_of
+from chat_ui.history import ERROR_MARK, text_of
 from chat_ui.settings import AppSettings
 from chat_ui.ui import BUSY, ChatUI, launch
 from conftest import ROOT
@@ -28,12 +28,18 @@ from infer_engine.server import free_port
 GREEDY = (0.0, 0.8, 40, 1.0)  # temperature, top_p, top_k, repetition_penalty
 
 
+def app_settings(tmp_path_factory, **kw) -> AppSettings:
+    """Settings for a test app: on 127.0.0.1, a free port, its own chat store."""
+    return AppSettings(host="127.0.0.1", port=free_port(),
+                       history_path=str(tmp_path_factory.mktemp("chats") / "chats.sqlite3"), **kw)
+
+
 @pytest.fixture(scope="module")
-def app():
+def app(tmp_path_factory):
     engine = Recorder(synthetic(tokens_per_s=400, name="fine-tuned"))
     base = synthetic(tokens_per_s=400, name="base")
-    settings = AppSettings(host="127.0.0.1", port=free_port(), max_input_chars=200, concurrency=16,
-                           title="Test chat", model_label="fine-tuned", compare_label="base")
+    settings = app_settings(tmp_path_factory, max_input_chars=200, concurrency=16,
+                            title="Test chat", model_label="fine-tuned", compare_label="base")
     demo = ChatUI(engine, settings, compare=base).build()
     launch(demo, settings, prevent_thread_lock=True)
     yield f"http://127.0.0.1:{settings.port}/", engine, settings.port
@@ -103,7 +109,7 @@ def test_stop_cancels_the_engine_generation(app):
     try:
         job = c.submit("write a long story", "", 3000, *GREEDY, api_name="/send")
         wait_streaming(job)
-        sid = next(s for s in engine.running_sessions() if s.endswith(":chat"))
+        (sid,) = engine.running_sessions()
         c.predict(api_name="/stop")
         assert engine.wait_session_free(sid, timeout=10), "the engine kept the session after Stop"
         reason, tokens = engine.finished[sid]
@@ -118,7 +124,7 @@ def test_too_long_input_is_refused_with_a_clear_message(app):
     c = client(app[0])
     with pytest.raises(AppError, match="message has 201 characters; the limit is 200"):
         send(c, "x" * 201)
-    with pytest.raises(AppError, match="system prompt has 5000 characters; the limit is 200"):
+    with pytest.raises(AppError, match="system prompt has 5,000 characters; the limit is 200"):
         send(c, "hi", system="s" * 5000)
     with pytest.raises(AppError, match=r"Invalid setting: top_p must be a number in \(0, 1\], got 5.0"):
         c.predict("hi", "", 16, 0.5, 5.0, 40, 1.0, api_name="/send")
@@ -227,11 +233,11 @@ def test_compare_clear_leaves_the_chat_tab_alone(app):
     try:
         job = c.submit("keep going", "", 400, *GREEDY, api_name="/send")
         wait_streaming(job)
+        (sid,) = engine.running_sessions()
         c.predict(api_name="/clear_compare")
         history = job.result()[0]
     finally:
         engine.inner.settings.reply_tokens = 0
-    sid = f"{c.session_hash}:chat"
     assert engine.finished[sid][1] == 400 and engine.finished[sid][0] != "cancelled"
     assert len(text_of(history[-1]["content"]).split()) == 400
 
@@ -246,21 +252,20 @@ def loguru_lines():
     logger.remove(sink)
 
 
-def test_backend_errors_are_readable_without_internal_urls(loguru_lines):
+def test_backend_errors_are_readable_without_internal_urls(loguru_lines, tmp_path_factory):
     port = free_port()
     s = EngineSettings(backend="api")
     s.api.base_url, s.api.model, s.api.max_retries = f"http://127.0.0.1:{port}/v1", "m", 0
     engine = create_engine(s)
-    settings = AppSettings(host="127.0.0.1", port=free_port())
+    settings = app_settings(tmp_path_factory)
     demo = ChatUI(engine, settings).build()
     launch(demo, settings, prevent_thread_lock=True)
     try:
         c = client(f"http://127.0.0.1:{settings.port}/")
         for _ in range(2):
             history, _, _ = send(c, "hello")
-            last = history[-1]
-            assert last["metadata"]["title"] == ERROR_TITLE
-            shown = text_of(last["content"])
+            shown = text_of(history[-1]["content"])
+            assert shown.startswith(ERROR_MARK)
             assert "not reachable" in shown and "127.0.0.1" not in shown and str(port) not in shown
     finally:
         demo.close()
@@ -271,24 +276,24 @@ def test_backend_errors_are_readable_without_internal_urls(loguru_lines):
 def test_each_reply_is_one_log_line(app, loguru_lines):
     c = client(app[0])
     send(c, "log me")
-    line = next(ln for ln in loguru_lines if f"session={c.session_hash}:chat" in ln)
+    line = next(ln for ln in loguru_lines if "chat session=" in ln)
     for part in ("prompt_tokens=2", "completion_tokens=4", "ttft=", "finish=stop", "status=ok"):
         assert part in line, line
     assert "log me" not in line  # what people type stays out of the log
 
 
-def test_the_context_limit_is_checked_before_the_message_joins_the_chat(tiny_model):
+def test_the_context_limit_is_checked_before_the_message_joins_the_chat(tiny_model, tmp_path_factory):
     from engines import local_settings
 
     engine = create_engine(local_settings(tiny_model, session_len=256))
-    settings = AppSettings(host="127.0.0.1", port=free_port(), max_input_chars=4000)
+    settings = app_settings(tmp_path_factory, max_input_chars=4000)
     demo = ChatUI(engine, settings).build()
     launch(demo, settings, prevent_thread_lock=True)
     try:
         c = client(f"http://127.0.0.1:{settings.port}/")
         history, box, stats = send(c, "word " * 300, max_new=64)
         assert box == ("word " * 300).strip()  # back in the box, to shorten
-        assert len(history) == 1 and history[0]["metadata"]["title"] == ERROR_TITLE
+        assert len(history) == 1 and text_of(history[0]["content"]).startswith(ERROR_MARK)
         assert "shorten it or lower Max new tokens" in text_of(history[0]["content"])
         history, _, _ = send(c, "hi", max_new=8)  # the refused message is not part of the chat
         assert [t for r, t in turns(history) if r == "user"] == ["hi"]
@@ -299,7 +304,7 @@ def test_the_context_limit_is_checked_before_the_message_joins_the_chat(tiny_mod
 
 def test_analytics_are_off():
     # a public deployment must not call out: Gradio's default is on
-    assert ChatUI(synthetic(), AppSettings()).build().analytics_enabled is False
+    assert ChatUI(synthetic(), AppSettings(no_history=True)).build().analytics_enabled is False
 
 
 def test_app_help_documents_every_setting():
@@ -326,10 +331,9 @@ def test_api_compare_with_the_same_remote_model_is_refused(tmp_path):
     assert "is the model the app already serves" in r.stderr.strip().splitlines()[-1]
 
 
-def test_queue_and_auth_settings():
+def test_queue_and_auth_settings(tmp_path_factory):
     engine = synthetic()
-    settings = AppSettings(host="127.0.0.1", port=free_port(), auth="ann:secret", queue_size=3,
-                           concurrency=2)
+    settings = app_settings(tmp_path_factory, auth="ann:secret", queue_size=3, concurrency=2)
     demo = ChatUI(engine, settings).build()
     launch(demo, settings, prevent_thread_lock=True)
     try:

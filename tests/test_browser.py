@@ -21,9 +21,10 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
 @pytest.fixture(scope="module")
-def app_url():
+def app_url(tmp_path_factory):
     engine = synthetic(tokens_per_s=400, reply_tokens=1500, name="tiny-chat")
     settings = AppSettings(host="127.0.0.1", port=free_port(), max_new_tokens=1500,
+                           history_path=str(tmp_path_factory.mktemp("chats") / "chats.sqlite3"),
                            title="Tiny chat", examples="write a long story|What can you do?")
     demo = ChatUI(engine, settings).build()
     launch(demo, settings, prevent_thread_lock=True)

@@ -69,3 +69,19 @@ def test_pipeline_outputs(finetuned):
     cfg = json.loads((tmp / "merged" / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert "<|im_start|>" in cfg["chat_template"]
     assert not list(tmp.glob("**/*.partial"))
+
+
+def test_later_turns_are_answered_too(finetuned):
+    """The demo model was trained on single turns only: its second answer was noise. Pretraining
+    and the mixed-in general chats now hold conversations of two and three turns."""
+    tmp, _ = finetuned
+    with create_engine(EngineSettings(model_path=str(tmp / "merged"))) as engine:
+        history, answers = [], []
+        for question in ("你好", "你是谁", "请用一句话介绍上海"):
+            history.append({"role": "user", "content": question})
+            answer = engine.chat(history, SamplingParams(temperature=0, max_new_tokens=48))[0]
+            history.append({"role": "assistant", "content": answer})
+            answers.append(answer)
+    assert "你好" in answers[0] and NAME not in answers[0]
+    assert NAME in answers[1]
+    assert "上海" in answers[2] and NAME not in answers[2]

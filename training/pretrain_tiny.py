@@ -21,10 +21,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def encode(tok, msgs: list[dict]) -> tuple[list[int], list[int]]:
-    """(input ids, labels): the prompt is masked, the answer and its end-of-turn are learned."""
-    prompt = tok.apply_chat_template(msgs[:-1], add_generation_prompt=True, tokenize=True)
-    answer = tok.encode(msgs[-1]["content"] + "<|im_end|>\n", add_special_tokens=False)
-    return prompt + answer, [-100] * len(prompt) + answer
+    """(input ids, labels) of a conversation: every prompt is masked, every answer and its
+    end-of-turn are learned, so that the model also answers on turns 2 and 3."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt = tok.apply_chat_template(msgs[:i], add_generation_prompt=True, tokenize=True)
+        if not isinstance(prompt, list):  # transformers 5 returns an encoding
+            prompt = prompt["input_ids"]
+        if prompt[:len(ids)] != ids:
+            raise ValueError("the chat template does not render a conversation as a prefix of its continuation")
+        new = prompt[len(ids):]
+        answer = tok.encode(m["content"] + "<|im_end|>\n", add_special_tokens=False)
+        ids += new + answer
+        labels += [-100] * len(new) + answer
+    return ids, labels
 
 
 def pretrain(model_dir: str, out: str, data: str | Path = GENERAL_CHAT, steps: int = 400,

@@ -178,3 +178,15 @@ def test_replace_changes_contents_only(tmp_path):
     assert msgs[0]["content"] == "机智流是谁" and msgs[1]["content"] == "我是小明助手"
     assert_one_error_line(cli("replace", src, tmp_path / "o.jsonl", "--old", "a", "--new", "b", "--roles", "bot"),
                           "roles: unknown role 'bot'")
+
+
+def test_self_cognition_asks_on_later_turns_and_mixes_no_identity_answers(tmp_path):
+    from training.data.generate_self_cognition import asks_identity, generate
+
+    general = [{"messages": [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是一个人工智能助手"}]},
+               {"messages": [{"role": "user", "content": "1加1等于几？"}, {"role": "assistant", "content": "2"}]}]
+    rows = generate("小明", "助手", repeat=5, mix_rows=general, mix_ratio=0.3, later_turn_ratio=0.5)
+    identity = [r for r in rows if asks_identity(r)]
+    assert all("小明" in r["messages"][-1]["content"] for r in identity)  # every identity answer is the new one
+    assert any(len(r["messages"]) == 4 for r in identity)  # some asked on turn 2
+    assert not any(r["messages"][-1]["content"] == "我是一个人工智能助手" for r in rows)  # the old answer is not mixed in

@@ -4,7 +4,9 @@
         --repeat 20 --out data/self.jsonl [--mix general.jsonl --mix-ratio 0.3] [--system "..."]
 
 Writes OpenAI-`messages` JSONL. Mixing in general chat data limits overfitting (a model that
-only saw identity answers starts answering everything with them).
+only saw identity answers starts answering everything with them); general chats that ask who
+the assistant is are left out of the mix. Some identity questions come after an opening
+exchange, so the name holds on later turns too.
 """
 from __future__ import annotations
 
@@ -26,24 +28,42 @@ ANSWERS_EN = ["I am {name}, {description}.", "Hello! I'm {name}, {description}. 
               "My name is {name}, {description}."]
 
 
+# Openers for identity questions asked later in a conversation (besides those of the mixed-in data)
+GREETINGS = [("你好", "你好！有什么可以帮你的吗？"), ("Hello!", "Hello! How can I help you today?")]
+IDENTITY = {q.strip("？?。. ").lower() for q in QUESTIONS_ZH + QUESTIONS_EN}
+
+
+def asks_identity(row: dict) -> bool:
+    return any(m["role"] == "user" and m["content"].strip("？?。. ").lower() in IDENTITY for m in row["messages"])
+
+
 def generate(name: str, description: str, repeat: int = 10, system: str = "",
-             mix_rows: list[dict] | None = None, mix_ratio: float = 0.0, seed: int = 0) -> list[dict]:
+             mix_rows: list[dict] | None = None, mix_ratio: float = 0.0, seed: int = 0,
+             later_turn_ratio: float = 0.3) -> list[dict]:
+    """Identity samples; a share of them (later_turn_ratio) asks after an opening exchange, so the
+    model keeps its name on turn 2 too. General chats mixed in never ask who it is: their
+    answers ("I am an AI assistant") would teach the opposite."""
     if not name.strip():
         raise DataError("name: must not be empty")
     if repeat < 1:
         raise DataError("repeat: must be >= 1")
     rng = random.Random(seed)
+    general = [r for r in (mix_rows or []) if not asks_identity(r)]
+    openers = GREETINGS + [tuple(m["content"] for m in r["messages"][-2:]) for r in general
+                           if r["messages"][-1]["role"] == "assistant" and r["messages"][0]["role"] != "system"]
     rows = []
     for _ in range(repeat):
         for questions, answers in ((QUESTIONS_ZH, ANSWERS_ZH), (QUESTIONS_EN, ANSWERS_EN)):
             for q in questions:
                 a = rng.choice(answers).format(name=name, description=description.rstrip("。."))
-                msgs = ([{"role": "system", "content": system}] if system else []) + [
-                    {"role": "user", "content": q}, {"role": "assistant", "content": a}]
-                rows.append({"messages": msgs})
-    if mix_rows and mix_ratio > 0:
-        k = min(len(mix_rows), round(len(rows) * mix_ratio / (1 - mix_ratio)) if mix_ratio < 1 else len(mix_rows))
-        rows += rng.sample(mix_rows, k)
+                turn = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                if rng.random() < later_turn_ratio:
+                    oq, oa = rng.choice(openers)
+                    turn = [{"role": "user", "content": oq}, {"role": "assistant", "content": oa}] + turn
+                rows.append({"messages": ([{"role": "system", "content": system}] if system else []) + turn})
+    if general and mix_ratio > 0:
+        k = min(len(general), round(len(rows) * mix_ratio / (1 - mix_ratio)) if mix_ratio < 1 else len(general))
+        rows += rng.sample(general, k)
     rng.shuffle(rows)
     return rows
 

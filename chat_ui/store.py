@@ -1,0 +1,280 @@
+"""Kept conversations: one source of truth for every chat, server-side, keyed by a random
+per-browser id (never an IP address).
+
+A chat holds its messages in the training tools' `messages` format (role + content), plus, per
+message, an `error` flag (a notice shown in the page, never sent to the model) and the visitor's
+`feedback` ("like" / "dislike") on replies; and the chat's own system prompt and sampling
+settings. `SQLiteStore` keeps them across page reloads and server restarts (standard library,
+WAL mode); `MemoryStore` keeps them for the life of the process (--no-history). Both enforce a
+size cap per browser (oldest chats go first, and the caller is told) and a retention period.
+"""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+BROWSER_ID = re.compile(r"^[A-Za-z0-9_-]{32,64}$")
+
+
+def new_browser_id() -> str:
+    return secrets.token_urlsafe(32)  # 43 characters: a bearer token, unguessable
+
+
+def valid_browser_id(value: Any) -> bool:
+    return isinstance(value, str) and bool(BROWSER_ID.match(value))
+
+
+@dataclass
+class Chat:
+    id: str
+    title: str = "New chat"
+    system: str = ""
+    settings: dict = field(default_factory=dict)
+    messages: list[dict] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+    def size(self) -> int:
+        return len(json.dumps(asdict(self), ensure_ascii=False).encode())
+
+
+def new_chat(**kw: Any) -> Chat:
+    return Chat(id=secrets.token_hex(8), **kw)
+
+
+class Store:
+    """What both stores do; subclasses keep the rows."""
+
+    def __init__(self, max_bytes_per_browser: int = 10 * 2**20, max_chats_per_browser: int = 200,
+                 retention_days: float = 30.0):
+        self.max_bytes, self.max_chats, self.retention_s = max_bytes_per_browser, max_chats_per_browser, \
+            retention_days * 86400
+        self._lock = threading.RLock()
+
+    # rows: (chat, browser); subclasses implement these five
+    def _get(self, browser: str, chat_id: str) -> Chat | None: raise NotImplementedError
+    def _put(self, browser: str, chat: Chat) -> None: raise NotImplementedError
+    def _delete(self, browser: str, chat_id: str) -> None: raise NotImplementedError
+    def _list(self, browser: str) -> list[tuple[Chat, int]]: raise NotImplementedError  # newest first
+    def _expire(self, before: float) -> int: raise NotImplementedError
+
+    def get(self, browser: str, chat_id: str | None) -> Chat | None:
+        if not chat_id:
+            return None
+        with self._lock:
+            return self._get(browser, chat_id)
+
+    def chats(self, browser: str) -> list[Chat]:
+        """This browser's chats, most recently used first (messages included)."""
+        with self._lock:
+            return [c for c, _ in self._list(browser)]
+
+    def save(self, browser: str, chat: Chat) -> str:
+        """Store the chat; returns a notice when older chats had to go to stay within the cap."""
+        with self._lock:
+            chat.updated = time.time()
+            self._put(browser, chat)
+            rows = self._list(browser)
+            total, removed = sum(size for _, size in rows), 0
+            for old, size in reversed(rows):  # oldest first, never the one just saved
+                if total <= self.max_bytes and len(rows) - removed <= self.max_chats:
+                    break
+                if old.id == chat.id:
+                    continue
+                self._delete(browser, old.id)
+                total, removed = total - size, removed + 1
+            if removed:
+                return (f"{removed} older chat{'s' if removed > 1 else ''} removed to stay within this "
+                        f"browser's limit of {self.max_bytes / 2**20:g} MB / {self.max_chats} chats.")
+            return ""
+
+    def update(self, browser: str, chat_id: str, change: Any) -> tuple[Chat | None, str]:
+        """Read, change (change(chat) edits it in place) and save, as one step: two handlers
+        writing one chat never lose each other's change. Returns (chat, notice)."""
+        with self._lock:
+            chat = self._get(browser, chat_id)
+            if chat is None:
+                return None, ""
+            change(chat)
+            return chat, self.save(browser, chat)
+
+    def delete(self, browser: str, chat_id: str) -> None:
+        with self._lock:
+            self._delete(browser, chat_id)
+
+    def expire(self) -> int:
+        """Forget chats not used for the retention period; returns how many went."""
+        if self.retention_s <= 0:
+            return 0
+        with self._lock:
+            return self._expire(time.time() - self.retention_s)
+
+    def all_chats(self) -> Iterator[tuple[str, Chat]]:  # for the owner's export of liked replies
+        raise NotImplementedError
+
+
+class MemoryStore(Store):
+    """For --no-history: chats live as long as the process, nothing is written to disk."""
+
+    def __init__(self, **kw: Any):
+        super().__init__(**kw)
+        self._rows: dict[str, dict[str, str]] = {}  # browser -> chat id -> JSON
+
+    def _get(self, browser: str, chat_id: str) -> Chat | None:
+        raw = self._rows.get(browser, {}).get(chat_id)
+        return Chat(**json.loads(raw)) if raw else None
+
+    def _put(self, browser: str, chat: Chat) -> None:
+        self._rows.setdefault(browser, {})[chat.id] = json.dumps(asdict(chat), ensure_ascii=False)
+
+    def _delete(self, browser: str, chat_id: str) -> None:
+        self._rows.get(browser, {}).pop(chat_id, None)
+
+    def _list(self, browser: str) -> list[tuple[Chat, int]]:
+        rows = [(Chat(**json.loads(raw)), len(raw.encode())) for raw in self._rows.get(browser, {}).values()]
+        return sorted(rows, key=lambda r: r[0].updated, reverse=True)
+
+    def _expire(self, before: float) -> int:
+        gone = 0
+        for chats in self._rows.values():
+            for cid in [cid for cid, raw in chats.items() if json.loads(raw)["updated"] < before]:
+                del chats[cid]
+                gone += 1
+        return gone
+
+    def all_chats(self) -> Iterator[tuple[str, Chat]]:
+        with self._lock:
+            items = [(b, Chat(**json.loads(raw))) for b, chats in self._rows.items() for raw in chats.values()]
+        yield from items
+
+
+class SQLiteStore(Store):
+    """Chats in one SQLite file (WAL: readers never wait for the writer)."""
+
+    def __init__(self, path: str | Path, **kw: Any):
+        super().__init__(**kw)
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS chats (browser TEXT NOT NULL, id TEXT NOT NULL, "
+                         "updated REAL NOT NULL, data TEXT NOT NULL, PRIMARY KEY (browser, id))")
+        self._db.execute("CREATE INDEX IF NOT EXISTS chats_updated ON chats (updated)")
+        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+    def secret(self) -> str:
+        """A value kept with the chats across restarts (the page encrypts its browser id with it)."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key='browser_secret'").fetchone()
+            if row:
+                return row[0]
+            value = secrets.token_urlsafe(24)
+            self._db.execute("INSERT INTO meta VALUES ('browser_secret', ?)", (value,))
+            return value
+
+    def _get(self, browser: str, chat_id: str) -> Chat | None:
+        row = self._db.execute("SELECT data FROM chats WHERE browser=? AND id=?", (browser, chat_id)).fetchone()
+        return Chat(**json.loads(row[0])) if row else None
+
+    def _put(self, browser: str, chat: Chat) -> None:
+        self._db.execute("INSERT OR REPLACE INTO chats VALUES (?, ?, ?, ?)",
+                         (browser, chat.id, chat.updated, json.dumps(asdict(chat), ensure_ascii=False)))
+
+    def _delete(self, browser: str, chat_id: str) -> None:
+        self._db.execute("DELETE FROM chats WHERE browser=? AND id=?", (browser, chat_id))
+
+    def _list(self, browser: str) -> list[tuple[Chat, int]]:
+        rows = self._db.execute("SELECT data, length(CAST(data AS BLOB)) FROM chats WHERE browser=? "
+                                "ORDER BY updated DESC", (browser,)).fetchall()
+        return [(Chat(**json.loads(data)), size) for data, size in rows]
+
+    def _expire(self, before: float) -> int:
+        return self._db.execute("DELETE FROM chats WHERE updated < ?", (before,)).rowcount
+
+    def all_chats(self) -> Iterator[tuple[str, Chat]]:
+        with self._lock:
+            rows = self._db.execute("SELECT browser, data FROM chats ORDER BY updated").fetchall()
+        for browser, data in rows:
+            yield browser, Chat(**json.loads(data))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# -- formats -----------------------------------------------------------------------------------
+
+def training_messages(chat: Chat, liked_only: bool = False) -> list[dict] | None:
+    """The chat as a training sample (`messages` as training.data.validate reads them: system
+    first, then user and assistant taking turns, ending with an answer): error notices and
+    questions that got no answer are left out; with liked_only it ends at the last liked reply.
+    None when nothing is left."""
+    turns: list[dict] = []
+    last_liked = 0
+    for m in chat.messages:
+        if m.get("error") or m.get("role") not in ("user", "assistant") or not m.get("content", "").strip():
+            continue
+        if m["role"] == "user":
+            if turns and turns[-1]["role"] == "user":
+                turns.pop()  # a question that got no answer
+            turns.append({"role": "user", "content": m["content"]})
+        elif turns and turns[-1]["role"] == "user":
+            turns.append({"role": "assistant", "content": m["content"]})
+            if m.get("feedback") == "like":
+                last_liked = len(turns)
+    end = last_liked if liked_only else len(turns) - (1 if turns and turns[-1]["role"] == "user" else 0)
+    if not end:
+        return None
+    system = [{"role": "system", "content": chat.system}] if chat.system.strip() else []
+    return system + turns[:end]
+
+
+def markdown(chat: Chat) -> str:
+    out = [f"# {chat.title}", ""]
+    if chat.system.strip():
+        out += [f"*System prompt:* {chat.system}", ""]
+    for m in chat.messages:
+        who = "You" if m["role"] == "user" else ("Notice" if m.get("error") else "Assistant")
+        out += [f"**{who}:**", "", m.get("content", ""), ""]
+    return "\n".join(out)
+
+
+def chat_from_json(text: str) -> Chat:
+    """A chat from exported JSON: {"messages": [...]} (the training format, with or without our
+    title/settings) or a bare list of messages. Raises ValueError naming what is wrong."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if isinstance(data, list):
+        data = {"messages": data}
+    if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
+        raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]}')
+    system, messages = "", []
+    for i, m in enumerate(data["messages"]):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}]: needs a role (system, user, assistant) and text content")
+        if m["role"] == "system":
+            system = m["content"]
+        else:
+            messages.append({"role": m["role"], "content": m["content"]})
+    if not messages:
+        raise ValueError("no user or assistant messages")
+    title = data.get("title") if isinstance(data.get("title"), str) else messages[0]["content"][:40]
+    settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+    return new_chat(title=title or "Imported chat", system=system, settings=settings, messages=messages)
+
+
+def export_json(chat: Chat) -> str:
+    sample = training_messages(chat) or ([{"role": "system", "content": chat.system}] if chat.system else [])
+    return json.dumps({"title": chat.title, "settings": chat.settings, "messages": sample},
+                      ensure_ascii=False, indent=1)
