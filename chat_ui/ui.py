@@ -280,7 +280,6 @@ class ChatUI:
                         await stream.wait_end(wait)  # the end of the reply is shown at once
                 shown = loop.time()
                 messages[-1] = {"role": "assistant", "content": text}
-                self._live[sid] = messages
                 yield messages, stats_line(usage) if usage else "…", None
         except EngineError as exc:
             status = f"{type(exc).__name__}: {exc.message}"
@@ -290,7 +289,6 @@ class ChatUI:
                 messages.append(error_message(visitor_message(exc)))
             else:
                 messages[-1] = error_message(visitor_message(exc))
-            self._live[sid] = messages
             yield messages, stats_error(exc), refused
         finally:
             engine.cancel(sid)  # closed early (Stop, page closed): the engine stops too
@@ -476,7 +474,7 @@ class ChatUI:
                                                                  sid, continue_final=cont):
                 if refused is not None and not cont:  # refused by the backend: not part of the chat
                     msgs = msgs[:-2] + [dict(msgs[-2], error=True), msgs[-1]]
-                final = msgs
+                final = self._live[sid] = msgs  # Stop, Clear, ... find the reply so far here
                 yield msgs, stats
         finally:
             final = self._live.pop(sid, final)
@@ -490,7 +488,10 @@ class ChatUI:
                     top_p: float, top_k: float, repetition_penalty: float) -> AsyncIterator[tuple]:
         sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         pending = dict(pending or {})
+        sid = self._chat_sid(self._session(ptr)[0])
         async for msgs, stats in self._answer(ptr, pending, sampling):
+            if not self._turns.holds(sid, pending.get("claim")):
+                continue  # a control took the chat over: it shows the chat; this saves and ends
             yield display(msgs), stats
         if pending.get("interrupted"):
             # Gradio ends an event by sending its last value again; after Clear / Undo / Retry
@@ -682,12 +683,18 @@ class ChatUI:
         sid = self._sid(request, "compare")
         if not self._turns.holds(sid, claim):
             return
+        settled = self._turns.streaming(sid)
         try:
             sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
             async for a, b, sa, sb in self._both_answer([list(hist_a), list(hist_b)], system, sampling, request):
+                if not self._turns.holds(sid, claim):
+                    break  # Stop / Clear took over: nothing more of this reply goes out
                 yield display(a), display(b), a, b, sa, sb
+            if not self._turns.holds(sid, claim):  # see `reply`
+                yield (gr.skip(),) * 6
         finally:
             self._turns.release(sid, claim)
+            self._turns.done(sid, settled)
 
     async def compare(self, message: str, hist_a: list[dict], hist_b: list[dict], system: str,
                       max_new_tokens: float, temperature: float, top_p: float, top_k: float,
@@ -734,10 +741,12 @@ class ChatUI:
                 await s.aclose()
 
     async def stop_compare(self, request: gr.Request) -> None:
-        self._turns.release(self._sid(request, "compare"))
-        for engine, sid in self._compare_engines(request):
+        sid = self._sid(request, "compare")
+        self._turns.release(sid)
+        for engine, engine_sid in self._compare_engines(request):
             if engine is not None:
-                engine.cancel(sid)
+                engine.cancel(engine_sid)
+        await self._turns.settled(sid)
 
     async def clear_compare(self, request: gr.Request) -> tuple:
         await self.stop_compare(request)

@@ -490,3 +490,18 @@ def test_screenshots_desktop_and_phone(browser, app):
             open_side_panel(pg)
         pg.screenshot(path=str(ARTIFACTS / f"{name}_chat.png"))
         ctx.close()
+
+
+def test_compare_clear_while_both_stream_empties_both(page, app):
+    page.get_by_role("tab", name="Compare").click()
+    box = page.locator("#cmp_input textarea")
+    box.fill("compare me")
+    box.press("Enter")
+    page.wait_for_function("() => ['#chat_a', '#chat_b'].every(id => { const b = document.querySelectorAll("
+                           "id + ' [data-testid=\"bot\"]'); return b.length && b[b.length - 1].innerText.split(/\\s+/)"
+                           ".length >= 8; })")
+    page.get_by_role("button", name="Clear", exact=True).last.click()
+    settled_compare = lambda: (page.locator('#chat_a [data-testid="user"]').count(),  # noqa: E731
+                               page.locator('#chat_b [data-testid="user"]').count())
+    app.idle()
+    assert eventually(settled_compare, (0, 0)) == (0, 0)
