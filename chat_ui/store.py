@@ -58,11 +58,12 @@ class Store:
             retention_days * 86400
         self._lock = threading.RLock()
 
-    # rows: (chat, browser); subclasses implement these five
+    # rows: (chat, browser); subclasses implement these
     def _get(self, browser: str, chat_id: str) -> Chat | None: raise NotImplementedError
     def _put(self, browser: str, chat: Chat) -> None: raise NotImplementedError
     def _delete(self, browser: str, chat_id: str) -> None: raise NotImplementedError
     def _list(self, browser: str) -> list[tuple[Chat, int]]: raise NotImplementedError  # newest first
+    def _sizes(self, browser: str) -> list[tuple[str, int]]: raise NotImplementedError  # (id, bytes), oldest first
     def _expire(self, before: float) -> int: raise NotImplementedError
 
     def get(self, browser: str, chat_id: str | None) -> Chat | None:
@@ -81,14 +82,14 @@ class Store:
         with self._lock:
             chat.updated = time.time()
             self._put(browser, chat)
-            rows = self._list(browser)
-            total, removed = sum(size for _, size in rows), 0
-            for old, size in reversed(rows):  # oldest first, never the one just saved
-                if total <= self.max_bytes and len(rows) - removed <= self.max_chats:
+            sizes = self._sizes(browser)  # sizes only: no chat is read back to count them
+            total, removed = sum(size for _, size in sizes), 0
+            for chat_id, size in sizes:  # oldest first, never the one just saved
+                if total <= self.max_bytes and len(sizes) - removed <= self.max_chats:
                     break
-                if old.id == chat.id:
+                if chat_id == chat.id:
                     continue
-                self._delete(browser, old.id)
+                self._delete(browser, chat_id)
                 total, removed = total - size, removed + 1
             if removed:
                 return (f"{removed} older chat{'s' if removed > 1 else ''} removed to stay within this "
@@ -140,6 +141,9 @@ class MemoryStore(Store):
     def _list(self, browser: str) -> list[tuple[Chat, int]]:
         rows = [(Chat(**json.loads(raw)), len(raw.encode())) for raw in self._rows.get(browser, {}).values()]
         return sorted(rows, key=lambda r: r[0].updated, reverse=True)
+
+    def _sizes(self, browser: str) -> list[tuple[str, int]]:
+        return [(c.id, size) for c, size in reversed(self._list(browser))]
 
     def _expire(self, before: float) -> int:
         gone = 0
@@ -195,6 +199,10 @@ class SQLiteStore(Store):
         rows = self._db.execute("SELECT data, length(CAST(data AS BLOB)) FROM chats WHERE browser=? "
                                 "ORDER BY updated DESC", (browser,)).fetchall()
         return [(Chat(**json.loads(data)), size) for data, size in rows]
+
+    def _sizes(self, browser: str) -> list[tuple[str, int]]:
+        return self._db.execute("SELECT id, length(CAST(data AS BLOB)) FROM chats WHERE browser=? "
+                                "ORDER BY updated", (browser,)).fetchall()
 
     def _expire(self, before: float) -> int:
         return self._db.execute("DELETE FROM chats WHERE updated < ?", (before,)).rowcount
