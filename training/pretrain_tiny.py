@@ -12,8 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .data.io import atomic_dir, read_jsonl, run_cli
-from .data.validate import check_sample, validate
+from .data.io import atomic_dir, run_cli
+from .data.validate import samples, validate
 
 GENERAL_CHAT = Path(__file__).parent / "data" / "general_chat.jsonl"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -46,18 +46,18 @@ def pretrain(model_dir: str, out: str, data: str | Path = GENERAL_CHAT, steps: i
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     validate(data)
-    rows = [check_sample(data, n, obj) for n, obj in read_jsonl(data)]
+    rows = [msgs for _, msgs in samples(data)]
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    samples = [encode(tok, r) for r in rows]
+    encoded = [encode(tok, r) for r in rows]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     pad = tok.pad_token_id
     model.train()
     for step in range(1, steps + 1):
-        batch = rng.sample(samples, min(batch_size, len(samples)))
+        batch = rng.sample(encoded, min(batch_size, len(encoded)))
         width = max(len(ids) for ids, _ in batch)
         ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
         labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])

@@ -52,7 +52,8 @@ def test_good_file_validates(tmp_path):
      "d.jsonl:3: messages[1].content: empty assistant turn"),
     (json.dumps({"messages": [{"role": "user", "content": "q"}]}), "d.jsonl:3: messages: must end with an assistant"),
     (json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "d.jsonl:3: messages[0].role: expected user"),
-    (json.dumps({"conversation": []}), "d.jsonl:3: messages: missing"),
+    (json.dumps({"conversation": []}), "d.jsonl:3: conversation: missing or empty"),
+    (json.dumps({"text": "hi"}), "d.jsonl:3: messages: missing (expected {\"messages\": [...]} or {\"conversation\": [...]}, found an object with keys text)"),
 ])
 def test_bad_samples_name_file_line_and_field(tmp_path, bad, where):
     f = jsonl(tmp_path / "d.jsonl", GOOD, [bad])

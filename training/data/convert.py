@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from .io import DataError, read_jsonl, read_text_utf8, run_cli, write_jsonl
-from .validate import check_sample
+from .io import DataError, read_jsonl, read_records, read_text_utf8, run_cli, write_jsonl
+from .validate import check_sample, conversation_messages
 
 _FIELD = re.compile(r"{([^{}]+)}")
 
@@ -101,23 +101,12 @@ def convert_alpaca(path: str | Path, system: str = "") -> list[dict]:
 
 
 def convert_xtuner(path: str | Path) -> list[dict]:
-    """XTuner's single/multi-turn format: {"conversation": [{"system", "input", "output"}, ...]}."""
+    """XTuner's single/multi-turn format: {"conversation": [{"system", "input", "output"}, ...]},
+    as JSONL or a JSON array (what the tutorials' generate_data.py writes)."""
     out = []
-    for n, rec in read_jsonl(path):
+    for where, rec in read_records(path):
         conv = rec.get("conversation") if isinstance(rec, dict) else None
-        if not isinstance(conv, list) or not conv:
-            raise DataError(f"{path}:{n}: conversation: missing or empty")
-        msgs = []
-        for i, turn in enumerate(conv):
-            if not isinstance(turn, dict):
-                raise DataError(f"{path}:{n}: conversation[{i}]: must be an object")
-            if i == 0 and turn.get("system"):
-                msgs.append({"role": "system", "content": turn["system"]})
-            msgs += [{"role": "user", "content": turn.get("input", "")},
-                     {"role": "assistant", "content": turn.get("output", "")}]
-        rec_out = {"messages": msgs}
-        check_sample(path, n, rec_out)
-        out.append(rec_out)
+        out.append({"messages": check_sample(where, {"messages": conversation_messages(where, conv)})})
     return out
 
 

@@ -14,8 +14,8 @@ import argparse
 import random
 import sys
 
-from .io import DataError, read_jsonl, run_cli, write_jsonl
-from .validate import check_sample, validate
+from .io import DataError, run_cli, write_jsonl
+from .validate import samples, validate
 
 QUESTIONS_ZH = ["你是谁？", "你是谁", "请介绍一下你自己", "介绍一下你自己", "你叫什么名字？", "你的名字是什么？",
                 "你是哪个模型？", "谁创造了你？", "你是由谁开发的？", "你能告诉我你是谁吗？", "你好，你是？",
@@ -62,8 +62,10 @@ def generate(name: str, description: str, repeat: int = 10, system: str = "",
                     turn = [{"role": "user", "content": oq}, {"role": "assistant", "content": oa}] + turn
                 rows.append({"messages": ([{"role": "system", "content": system}] if system else []) + turn})
     if general and mix_ratio > 0:
-        k = min(len(general), round(len(rows) * mix_ratio / (1 - mix_ratio)) if mix_ratio < 1 else len(general))
-        rows += rng.sample(general, k)
+        # as many general samples as make mix_ratio of the output: a small mix file is repeated
+        # (--mix-ratio 0.3 with 30 general chats and 10,000 identity samples was 0.3 %, silently)
+        k = round(len(rows) * mix_ratio / (1 - mix_ratio))
+        rows += general * (k // len(general)) + rng.sample(general, k % len(general))
     rng.shuffle(rows)
     return rows
 
@@ -84,11 +86,13 @@ def main(argv: list[str] | None = None) -> int:
         mix = None
         if a.mix:
             validate(a.mix)
-            mix = [obj for n, obj in read_jsonl(a.mix) if check_sample(a.mix, n, obj)]
+            mix = [{"messages": msgs} for _, msgs in samples(a.mix)]
         if not 0 <= a.mix_ratio < 1:
             raise DataError("mix-ratio: must be in [0, 1)")
         rows = generate(a.name, a.description, a.repeat, a.system, mix, a.mix_ratio, a.seed)
-        return f"{a.out}: {write_jsonl(a.out, rows)} samples"
+        n, general = write_jsonl(a.out, rows), sum(not asks_identity(r) for r in rows)
+        mixed = f" ({general} general = {general / n:.0%}, from {len(mix)} in {a.mix})" if mix else ""
+        return f"{a.out}: {n} samples{mixed}"
     return run_cli(work)
 
 

@@ -42,6 +42,47 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
             raise DataError(f"{path}:{n}: invalid JSON: {exc.msg} at column {exc.colno}") from None
 
 
+def read_records(path: str | Path) -> Iterator[tuple[str, object]]:
+    """Yield (where, record) from JSONL (one record a line: where = 'file:LINE') or from a JSON
+    array of records, as the tutorials' scripts write them even into files named .jsonl (where =
+    'file: record N'). XTuner's own loader reads both; so do we."""
+    text = read_text_utf8(path)
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: a JSON array that does not parse: {exc.msg} at column "
+                            f"{exc.colno}") from None
+        for i, rec in enumerate(records, 1):
+            yield f"{path}: record {i}", rec
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{n}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{n}: invalid JSON: {exc.msg} at column {exc.colno}{_what_it_is(text)}") from None
+
+
+def _what_it_is(text: str) -> str:
+    """For a file that is not JSONL: what it is instead, if that can be told."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return " (expected JSONL, one JSON record a line, or a JSON array of records)"
+    if isinstance(whole, dict):
+        keys = ", ".join(list(whole)[:6])
+        return f" (the file is one JSON object with keys {keys}: expected JSONL or a JSON array of records)"
+    return f" (the file is one JSON {type(whole).__name__}: expected JSONL or a JSON array of records)"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; it replaces `path` only if the block succeeds."""
@@ -51,6 +92,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes 0600: keep the mode of the file replaced, else what open() would give
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .io import DataError, read_jsonl, run_cli, write_jsonl
-from .validate import ROLES, check_sample
+from .io import DataError, run_cli, write_jsonl
+from .validate import ROLES, samples
 
 
 def replace(path: str, out: str, old: str, new: str, roles: tuple[str, ...] = ROLES) -> tuple[int, int]:
@@ -17,13 +17,12 @@ def replace(path: str, out: str, old: str, new: str, roles: tuple[str, ...] = RO
     if not old:
         raise DataError("old: must not be empty")
     rows, hits = [], 0
-    for n, obj in read_jsonl(path):
-        msgs = check_sample(path, n, obj)
+    for _, msgs in samples(path):  # JSONL or a JSON array; messages or XTuner conversations
         for m in msgs:
             if m["role"] in roles:
                 hits += m["content"].count(old)
                 m["content"] = m["content"].replace(old, new)
-        rows.append(obj)
+        rows.append({"messages": msgs})
     return write_jsonl(out, rows), hits
 
 
@@ -31,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("input")
     p.add_argument("output", help="may be the input file itself")
-    p.add_argument("--old", required=True)
-    p.add_argument("--new", required=True)
+    p.add_argument("--old", "--old_text", "--old-text", dest="old", required=True,
+                   help="text to replace (--old_text as in the tutorials' script)")
+    p.add_argument("--new", "--new_text", "--new-text", dest="new", required=True, help="replacement")
     p.add_argument("--roles", default=",".join(ROLES), help="comma list of roles to change")
     a = p.parse_args(argv)
     roles = tuple(r.strip() for r in a.roles.split(",") if r.strip())

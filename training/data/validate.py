@@ -12,9 +12,9 @@ import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from .io import DataError, read_jsonl, run_cli
+from .io import DataError, read_records, run_cli
 
 ROLES = ("system", "user", "assistant")
 
@@ -27,10 +27,16 @@ class Report:
     token_counts: list[int] = field(default_factory=list)
 
 
-def check_sample(path: str | Path, n: int, obj: Any) -> list[dict]:
-    where = f"{path}:{n}"
+def check_sample(where: str, obj: Any) -> list[dict]:
+    """The sample's messages, checked: {"messages": [...]} (OpenAI format) or XTuner's
+    {"conversation": [{"system", "input", "output"}, ...]}; errors name `where` and the field."""
+    if isinstance(obj, dict) and "messages" not in obj and "conversation" in obj:
+        obj = {"messages": conversation_messages(where, obj["conversation"])}
     if not isinstance(obj, dict) or "messages" not in obj:
-        raise DataError(f"{where}: messages: missing (expected {{\"messages\": [...]}})")
+        found = f"an object with keys {', '.join(list(obj)[:6])}" if isinstance(obj, dict) else \
+            f"a JSON {type(obj).__name__}"
+        raise DataError(f"{where}: messages: missing (expected {{\"messages\": [...]}} or "
+                        f"{{\"conversation\": [...]}}, found {found})")
     msgs = obj["messages"]
     if not isinstance(msgs, list) or not msgs:
         raise DataError(f"{where}: messages: must be a non-empty list")
@@ -58,13 +64,33 @@ def check_sample(path: str | Path, n: int, obj: Any) -> list[dict]:
     return msgs
 
 
+def conversation_messages(where: str, conv: Any) -> list[dict]:
+    """XTuner's conversation turns as messages."""
+    if not isinstance(conv, list) or not conv:
+        raise DataError(f"{where}: conversation: missing or empty")
+    msgs = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: conversation[{i}]: must be an object with input and output")
+        if i == 0 and turn.get("system"):
+            msgs.append({"role": "system", "content": turn["system"]})
+        msgs += [{"role": "user", "content": turn.get("input", "")},
+                 {"role": "assistant", "content": turn.get("output", "")}]
+    return msgs
+
+
+def samples(path: str | Path) -> Iterator[tuple[str, list[dict]]]:
+    """(where, messages) of every sample in a JSONL file or JSON array, either format."""
+    for where, obj in read_records(path):
+        yield where, check_sample(where, obj)
+
+
 def validate(path: str | Path, tokenizer: Any = None, max_length: int | None = None,
              template: Any = None) -> Report:
     """Raise DataError at the first problem; return counts. With a tokenizer and max_length,
     samples whose rendered length exceeds max_length are errors (XTuner would cut them)."""
     report = Report()
-    for n, obj in read_jsonl(path):
-        msgs = check_sample(path, n, obj)
+    for where, msgs in samples(path):
         report.samples += 1
         report.turns += sum(m["role"] == "assistant" for m in msgs)
         if tokenizer is not None:
@@ -72,7 +98,7 @@ def validate(path: str | Path, tokenizer: Any = None, max_length: int | None = N
             report.token_counts.append(tokens)
             report.max_tokens = max(report.max_tokens, tokens)
             if max_length and tokens > max_length:
-                raise DataError(f"{path}:{n}: messages: {tokens} tokens, more than max_length "
+                raise DataError(f"{where}: messages: {tokens} tokens, more than max_length "
                                 f"{max_length} (XTuner would truncate it)")
     if report.samples == 0:
         raise DataError(f"{path}: no samples")
@@ -110,19 +136,23 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+")
     p.add_argument("--tokenizer", help="model folder whose tokenizer counts tokens")
-    p.add_argument("--max-length", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None, help="needs --tokenizer")
     a = p.parse_args(argv)
+    if a.max_length is not None and not a.tokenizer:
+        print("error: --max-length needs --tokenizer MODEL (to count the tokens of each sample)", file=sys.stderr)
+        return 1
     tok = None
     if a.tokenizer:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(a.tokenizer, trust_remote_code=True)
-
-    def work() -> None:
-        for f in a.files:
+    bad = 0
+    for f in a.files:  # every file gets its line, good or bad
+        def one(f: str = f) -> str:
             r = validate(f, tok, a.max_length)
             extra = f", longest {r.max_tokens} tokens" if tok is not None else ""
-            print(f"{f}: {r.samples} samples, {r.turns} answers{extra}: OK")
-    return run_cli(work)
+            return f"{f}: {r.samples} samples, {r.turns} answers{extra}: OK"
+        bad += run_cli(one) != 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
