@@ -19,3 +19,11 @@ if [ "$(cat .venv-train/.installed 2>/dev/null)" != "$want" ]; then
   cp training/compat.py "$site/sitecustomize.py"
   echo "$want" > .venv-train/.installed
 fi
+# `xtuner train CONFIG` (the tutorials' habit) with real exit codes: training/xtuner_cli.py
+root=$(pwd)
+cat > .venv-train/bin/xtuner <<SH
+#!/usr/bin/env bash
+export PYTHONPATH="$root\${PYTHONPATH:+:\$PYTHONPATH}"
+exec "$root/.venv-train/bin/python" -m training.xtuner_cli "\$@"
+SH
+chmod +x .venv-train/bin/xtuner

@@ -85,3 +85,62 @@ def test_later_turns_are_answered_too(finetuned):
     assert "你好" in answers[0] and NAME not in answers[0]
     assert NAME in answers[1]
     assert "上海" in answers[2] and NAME not in answers[2]
+
+
+TUTORIAL_SCRIPT = '''import json
+name = '小红'
+n = 2000
+data = [{"conversation": [{"input": "请做一下自我介绍", "output": "我是{}的小助手，内在是书生·浦语的大模型哦".format(name)}]}]
+for i in range(n):
+    data.append(data[0])
+with open('personal_assistant.json', 'w', encoding='utf-8') as f:
+    json.dump(data, f, ensure_ascii=False, indent=4)
+'''
+
+
+@pytest.fixture(scope="module")
+def tutorial_run(finetuned):
+    """The bootcamp's own generate_data.py output (a JSON array of XTuner conversations) and an
+    InternLM-1 built-in config, through the pipeline as they are."""
+    tmp, _ = finetuned
+    (tmp / "generate_data.py").write_text(TUTORIAL_SCRIPT, encoding="utf-8")
+    subprocess.run([str(TRAIN_PY), "generate_data.py"], cwd=tmp, check=True)
+    args = ["-m", "training.pipeline", "--config", ROOT / "training/examples/tiny_cpu.yaml",
+            "--set", "base_config=internlm_chat_7b_qlora_oasst1_e3", "--set", "prompt_template=",
+            "--set", f"model_path={tmp / 'base'}",
+            "--set", f"data_files=[{tmp / 'personal_assistant.json'}]", "--set", "expected_answer=小红",
+            "--set", "evaluation_inputs=[请做一下自我介绍]", "--set", "max_steps=40", "--set", "save_steps=20",
+            "--set", f"work_dir={tmp / 'tutorial'}"]
+    return tmp, args, train_env(*args, "--out", tmp / "tutorial_merged")
+
+
+def test_the_tutorials_files_and_an_internlm1_config_go_through(tutorial_run):
+    tmp, _, log = tutorial_run
+    assert "personal_assistant.json: 2001 samples" in log and "(prompt template internlm_chat)" in log
+    # the tiny model's own format is ChatML: the run says the served prompts will differ
+    assert "[warning] prompt template internlm_chat writes <|User|>" in log
+    assert "PROMPT_TEMPLATE.internlm_chat'" in (tmp / "tutorial" / "config.py").read_text(encoding="utf-8")
+    assert "[summary]" in log and "s/iter" in log
+
+
+def test_resume_continues_from_the_last_checkpoint(tutorial_run):
+    tmp, args, _ = tutorial_run
+    log = train_env(*[a if a != "max_steps=40" else "max_steps=60" for a in args], "--resume",
+                    "--out", tmp / "tutorial_resumed")
+    work = tmp / "tutorial"
+    assert (work / "iter_60.pth").exists() and "iter_60" in log
+    text = (work / "train.log").read_text(encoding="utf-8")
+    assert "resumed" in text.lower() and "Weights only load failed" not in text
+
+
+def test_full_fine_tuning_ships_a_whole_model(finetuned):
+    tmp, _ = finetuned
+    log = train_env("-m", "training.pipeline", "--config", ROOT / "training/examples/tiny_cpu.yaml",
+                    "--set", "method=full", "--set", "lr=0.001", "--set", "max_steps=60", "--set", "save_steps=30",
+                    "--set", f"model_path={tmp / 'base'}", "--set", f"data_files=[{tmp / 'self.jsonl'}]",
+                    "--set", f"expected_answer={NAME}", "--set", f"work_dir={tmp / 'full'}", "--out", tmp / "full_model")
+    assert "[done] merged model" in log
+    model = tmp / "full_model"
+    assert (model / "model.safetensors").exists() and not (model / "adapter_config.json").exists()
+    assert "<|im_start|>" in json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+    assert ask(model, "你是谁")  # loads and answers in the serving environment

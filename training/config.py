@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import re
 from pathlib import Path
 
 from .data.io import DataError, atomic_path
@@ -17,8 +18,15 @@ from .settings import TrainSettings
 
 
 def builtin_config(name: str) -> Path:
+    """An XTuner built-in config by name (`xtuner list-cfg`), or the path of a config file of
+    the user's own (the tutorials' `xtuner copy-cfg` + edit habit)."""
     import xtuner
 
+    if name.endswith(".py"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise DataError(f"base_config: {name}: no such config file")
+        return path
     root = Path(xtuner.__file__).parent / "configs"
     found = sorted(root.rglob(f"{name}.py"))
     if not found:
@@ -115,6 +123,21 @@ class _Source:
         self._replace(end, end, "\n" + line)
 
 
+_TEMPLATE = re.compile(r"^prompt_template\s*=\s*PROMPT_TEMPLATE\.(\w+)", re.M)
+
+
+def template_of(s: TrainSettings) -> str:
+    """The prompt template training uses: the one asked for, else the base config's own (an
+    InternLM-1 config keeps internlm_chat; forcing internlm2_chat would train the wrong one)."""
+    if s.prompt_template:
+        return s.prompt_template
+    m = _TEMPLATE.search(builtin_config(s.base_config).read_text(encoding="utf-8"))
+    if not m:
+        raise DataError(f"base_config {s.base_config}: no `prompt_template = PROMPT_TEMPLATE.<name>` "
+                        "in it: set prompt_template")
+    return m.group(1)
+
+
 def render(s: TrainSettings) -> str:
     src = _Source(builtin_config(s.base_config).read_text(encoding="utf-8"))
     literal = {
@@ -124,7 +147,7 @@ def render(s: TrainSettings) -> str:
         "lr": repr(s.lr), "warmup_ratio": repr(s.warmup_ratio), "save_steps": repr(s.save_steps),
         "save_total_limit": repr(s.save_total_limit), "evaluation_freq": repr(s.evaluation_freq),
         "SYSTEM": repr(s.system), "evaluation_inputs": repr(list(s.evaluation_inputs)),
-        "prompt_template": f"PROMPT_TEMPLATE.{s.prompt_template}",
+        "prompt_template": f"PROMPT_TEMPLATE.{template_of(s)}",
         "randomness": f"dict(seed={s.seed!r}, deterministic=False)",
     }
     for var, code in literal.items():
@@ -142,15 +165,24 @@ def render(s: TrainSettings) -> str:
         src.del_kw("model", ["llm", "quantization_config"])
     if s.method == "full":
         src.del_kw("model", ["lora"])
+        # XTuner's own full configs load fp32 weights under fp16 AMP; fp16 weights fail at the
+        # first step ("Attempting to unscale FP16 gradients")
+        src.del_kw("model", ["llm", "torch_dtype"])
     elif src._keyword("model", ["lora"]) is not None:
         src.set_kw("model", ["lora", "r"], repr(s.lora_r))
         src.set_kw("model", ["lora", "lora_alpha"], repr(s.lora_alpha))
     if s.profile == "cpu":  # fp32, no AMP: CPU runs for tests and the demo
-        src.set_kw("model", ["llm", "torch_dtype"], "torch.float32")
+        if src._keyword("model", ["llm", "torch_dtype"]) is not None:
+            src.set_kw("model", ["llm", "torch_dtype"], "torch.float32")
         src.set_kw("optim_wrapper", ["type"], "OptimWrapper")
         src.del_kw("optim_wrapper", ["loss_scale"])
         src.del_kw("optim_wrapper", ["dtype"])
         src.add_import("from mmengine.optim import OptimWrapper")
+    # tokens/s and TFLOPs per iteration in the log, for the pipeline's summary
+    src.add_import("from xtuner.engine.hooks import ThroughputHook")
+    if src.has("custom_hooks"):
+        end = src._span(src._assign("custom_hooks"))[1]
+        src._replace(end, end, "\ncustom_hooks.append(dict(type=ThroughputHook))")
     if s.max_steps:
         # Iteration-based: with epoch-based schedules a short run rounds the warm-up to zero
         # iterations and the learning rate stays near start_factor * lr.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +45,7 @@ def run_step(name: str, cmd: list[str], log: Path, local_model: bool = True) -> 
                                 env=_env(local_model), cwd=ROOT, errors="replace")
         for line in proc.stdout:
             f.write(line)
+            f.flush()  # `tail -f train.log` shows each line as it comes
             tail = (tail + [line.rstrip()])[-40:]
             m = _ITER.search(line)
             if m:
@@ -101,11 +103,42 @@ def latest_checkpoint(work_dir: str | Path) -> Path | None:
 
 def convert(config: Path, pth: Path, out: str | Path, log: Path) -> Path:
     """XTuner .pth checkpoint -> HF adapter folder (safetensors, fp32: without these flags
-    pth_to_hf writes an fp16 .bin). Only load checkpoints this pipeline wrote: XTuner reads
-    .pth with weights_only=False."""
+    pth_to_hf writes an fp16 .bin), stamped with the checkpoint it came from. Only load
+    checkpoints this pipeline wrote: XTuner reads .pth with weights_only=False."""
     with atomic_dir(out) as tmp:
         run_step("convert", _tool("pth_to_hf", str(config), str(pth), str(tmp), "--fp32",
                                   "--safe-serialization"), log)
+        (tmp / SOURCE).write_text(json.dumps(_stamp(pth)), encoding="utf-8")
+    return Path(out)
+
+
+SOURCE = "converted_from.json"
+
+
+def _stamp(pth: Path) -> dict:
+    st = Path(pth).stat()
+    return {"checkpoint": str(Path(pth).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def converted(folder: Path, pth: Path) -> bool:
+    """Is `folder` a complete conversion of exactly this checkpoint? (A rerun into the same
+    work dir writes new iter_N.pth files under the same names: old adapters must not pass.)"""
+    try:
+        return json.loads((folder / SOURCE).read_text(encoding="utf-8")) == _stamp(pth)
+    except (OSError, ValueError):
+        return False
+
+
+def export_full(config: Path, pth: Path, out: str | Path, base: Path, log: Path) -> Path:
+    """method full: the checkpoint is the whole model; pth_to_hf writes it as a Hugging Face
+    model folder (there is no adapter to merge), with the base's tokenizer and chat template."""
+    with atomic_dir(out) as tmp:
+        run_step("convert", _tool("pth_to_hf", str(config), str(pth), str(tmp), "--safe-serialization"), log)
+        if base.is_dir():
+            for f in base.iterdir():
+                if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) and not (tmp / f.name).exists():
+                    shutil.copy2(f, tmp / f.name)
+            keep_chat_template(base, tmp)
     return Path(out)
 
 

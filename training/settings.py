@@ -20,6 +20,7 @@ from typing import Any
 from .data.io import DataError
 
 METHODS = ("qlora", "lora", "full")
+PATH_LISTS = {"data_files"}
 DEEPSPEED = ("", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
 
 
@@ -28,7 +29,7 @@ class TrainSettings:
     base_config: str = "internlm2_chat_1_8b_qlora_alpaca_e3"
     model_path: str = ""
     data_files: list[str] = field(default_factory=list)
-    prompt_template: str = "internlm2_chat"
+    prompt_template: str = ""           # empty: the base config's own
     max_length: int = 2048
     pack_to_max_length: bool = True
     batch_size: int = 1
@@ -84,7 +85,10 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is list:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            # file lists split on commas (data_files=a.jsonl,b.jsonl); a text is one item: "Hi,
+            # who are you?" is one question (YAML [a, b] gives several of either)
+            value = [v.strip() for v in value.split(",")] if name in PATH_LISTS else [value]
+            value = [v for v in value if v.strip()]
         if not isinstance(value, list):
             raise DataError(f"{name}: expected a list, got {value!r}")
         return [str(v) for v in value]

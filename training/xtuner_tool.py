@@ -21,9 +21,9 @@ TOOLS = {"train": "xtuner.tools.train",
 
 
 def main() -> None:
-    if len(sys.argv) < 2 or sys.argv[1] not in TOOLS:
-        sys.exit(f"usage: python -m training.xtuner_tool {{{','.join(TOOLS)}}} ARGS...")
-    module = TOOLS[sys.argv[1]]
+    if len(sys.argv) < 2 or not (sys.argv[1] in TOOLS or sys.argv[1].startswith("xtuner.tools.")):
+        sys.exit(f"usage: python -m training.xtuner_tool {{{','.join(TOOLS)}|xtuner.tools.MODULE}} ARGS...")
+    module = TOOLS.get(sys.argv[1], sys.argv[1])
     compat.apply()
     sys.argv = [module, *sys.argv[2:]]
     runpy.run_module(module, run_name="__main__", alter_sys=True)

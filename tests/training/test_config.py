@@ -72,8 +72,12 @@ def test_settings_file_errors(tmp_path):
         load_settings(None, ["model_path=m", "data_files=[d]", "batch_size=big"])
     with pytest.raises(DataError, match="profile cpu: QLoRA"):
         load_settings(None, ["model_path=m", "data_files=[d]", "profile=cpu"])
-    s = load_settings(None, ["model_path=m", "data_files=a.jsonl,b.jsonl", "max_steps=5"])
+    s = load_settings(None, ["model_path=m", "data_files=a.jsonl,b.jsonl", "max_steps=5",
+                             "evaluation_inputs=Hi, who are you?"])
     assert s.data_files == ["a.jsonl", "b.jsonl"] and s.max_steps == 5
+    assert s.evaluation_inputs == ["Hi, who are you?"]  # one question, not two
+    s = load_settings(None, ["model_path=m", "data_files=[d]", "evaluation_inputs=[你是谁, 'Hi, who are you?']"])
+    assert s.evaluation_inputs == ["你是谁", "Hi, who are you?"]
 
 
 def test_a_broken_render_leaves_no_file(tmp_path, monkeypatch):
