@@ -1,15 +1,36 @@
 #!/usr/bin/env bash
-# Build the offline wheel set that scripts/gpu_check.sh installs on the GPU host (which has
-# torch, transformers and peft but no package index): LMDeploy's PyTorch engine and Gradio
-# (shared wheels.sh) plus pytest, loguru and uvicorn's fast loop/parser. Output: .whl/ (ignored
-# by git; pass it in the device tool's carry).
+# Build the offline wheel sets for the GPU host (it has torch, transformers and peft but no
+# package index). Pass the output folder in the device tool's carry.
+#   scripts/prepare_gpu_wheels.sh          serving: LMDeploy's PyTorch engine and Gradio (shared
+#                                          wheels.sh) plus pytest, loguru, uvicorn's fast loop/parser -> .whl/
+#   scripts/prepare_gpu_wheels.sh --train  training (scripts/gpu_train_check.sh installs it into its own
+#                                          target dir, first on PYTHONPATH) -> .whl-train/
 set -euo pipefail
 cd "$(dirname "$0")/.."
+any=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform any)
+linux=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp
+       --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
+       --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64)
+if [ "${1:-}" = --train ]; then
+  d=.whl-train; rm -rf "$d"; mkdir -p "$d"
+  # XTuner and what it brings beyond the GPU image (torch, peft, numpy, pandas, pyarrow, opencv)
+  python3 -m pip download -q "${any[@]}" -d "$d" xtuner==0.2.0 transformers==4.48.0 huggingface_hub==0.36.2 \
+      mmengine==0.10.6 datasets==5.0.1 dill==0.4.1 multiprocess==0.70.19 addict==2.4.0 yapf==0.43.0 \
+      termcolor==3.3.0 loguru==0.7.3 openpyxl==3.1.5 et_xmlfile==2.0.0 platformdirs==4.14.9 \
+      hjson py-cpuinfo pydantic==2.14.4 annotated-types typing-inspection
+  python3 -m pip download -q "${linux[@]}" -d "$d" tokenizers==0.21.4 msgpack ninja pydantic-core==2.50.5
+  # only sdists on PyPI: built here as pure Python (DeepSpeed's ops build just in time on the GPU)
+  python3 -m pip wheel -q --no-deps -w "$d" transformers-stream-generator==0.0.5
+  DS_BUILD_OPS=0 python3 -m pip wheel -q --no-deps -w "$d" deepspeed==0.16.2
+  # QLoRA on a CUDA 13 driver: XTuner pins bitsandbytes 0.45.0, whose newest binary is CUDA 12.6;
+  # 0.50.2 ships CUDA 13.0/13.2 ones. Only those (and the CPU one) are kept: 43 MB -> a few.
+  python3 -m pip download -q "${linux[@]}" -d "$d" bitsandbytes==0.50.2
+  python3 scripts/slim_wheel.py "$d"/bitsandbytes-*.whl --keep 'libbitsandbytes_(cpu|cuda13\d)\.so$' \
+      --drop 'libbitsandbytes_.*\.so$'
+  du -sh "$d"; exit 0
+fi
 bash ../shared/gpu-host/wheels.sh --gradio .whl
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform any -d .whl pytest==9.2.0 iniconfig pluggy packaging pygments httpx2 httpcore2 truststore h11 sniffio \
-    loguru==0.7.3 anyio idna
-python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl uvloop==0.23.0 httptools==0.9.0 psutil
+python3 -m pip download -q "${any[@]}" -d .whl pytest==9.2.0 iniconfig pluggy packaging pygments httpx2 \
+    httpcore2 truststore h11 sniffio loguru==0.7.3 anyio idna
+python3 -m pip download -q "${linux[@]}" -d .whl uvloop==0.23.0 httptools==0.9.0 psutil
 du -sh .whl
