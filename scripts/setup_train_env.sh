@@ -13,6 +13,10 @@ if [ "$(cat .venv-train/.installed 2>/dev/null)" != "$want" ]; then
     # bitsandbytes (QLoRA) needs CUDA; on CPU, 0.45.0 beside new triton breaks peft's LoRA
     # creation ('No module named triton.ops'), so it goes.
     .venv-train/bin/python -m pip uninstall -q -y bitsandbytes >/dev/null 2>&1 || true
+  elif .venv-train/bin/python -c "import torch, sys; sys.exit(0 if int(torch.version.cuda.split('.')[0]) >= 13 else 1)"; then
+    # XTuner pins bitsandbytes 0.45.0, whose newest binary is CUDA 12.6: on a CUDA 13 torch QLoRA
+    # needs 0.50.2 (CUDA 13.0/13.2 binaries), installed over the pin (pip reports the conflict)
+    .venv-train/bin/python -m pip install -q --no-deps bitsandbytes==0.50.2
   fi
   # torchvision/torch CPU compatibility for every process of this environment
   site=$(.venv-train/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
