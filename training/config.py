@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import json
 import re
 from pathlib import Path
 
@@ -97,6 +98,21 @@ class _Source:
             raise DataError(f"base config has no {var}.{'.'.join(path)} to edit")
         self._replace(*self._span(kw.value), code)
 
+    def put_kw(self, var: str, name: str, code: str) -> None:
+        """Set a top-level keyword of `var = Call(...)`, adding it when the call has none."""
+        kw = self._keyword(var, [name])
+        if kw is not None:
+            self._replace(*self._span(kw.value), code)
+            return
+        node = self._assign(var)
+        if node is None or not isinstance(node.value, ast.Call):
+            raise DataError(f"base config has no {var} = dict(...) to edit")
+        close = self._span(node.value)[1] - 1  # the call's ")"
+        before = self.data[:close].rstrip()
+        sep = "" if before.endswith((b",", b"(")) else ","
+        at = len(before)
+        self._replace(at, at, f"{sep}\n    {name}={code}")
+
     def del_kw(self, var: str, path: list[str]) -> None:
         kw = self._keyword(var, path)
         if kw is None:
@@ -138,6 +154,52 @@ def template_of(s: TrainSettings) -> str:
     return m.group(1)
 
 
+# Activation memory without checkpointing, bytes per layer x hidden x token, measured on an H200:
+# InternLM2-1.8B LoRA at 8,192 packed tokens peaked at 46 GB (30.8 % MFU; 19.2 % with
+# checkpointing at 4,096 tokens).
+ACTIVATION_BYTES = 110
+
+
+def model_shape(model_path: str | Path) -> dict | None:
+    """hidden_size, num_hidden_layers, ... from the model's config.json (None if unreadable)."""
+    try:
+        c = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+        c = c.get("text_config", c)
+        return {k: int(c[k]) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")} | {
+            "num_attention_heads": int(c.get("num_attention_heads", 1)),
+            "num_key_value_heads": int(c.get("num_key_value_heads") or c.get("num_attention_heads", 1))}
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+def use_checkpointing(s: TrainSettings, gpu_gb: float | None = None) -> bool:
+    """activation_checkpointing auto: off where the activations of a whole step fit in 60 % of
+    the GPU (the rest for weights, logits and optimizer state), on otherwise, on the CPU profile
+    and where the model's shape is unknown."""
+    value = str(s.activation_checkpointing).lower()
+    if value != "auto":
+        return value == "true"
+    shape = model_shape(s.model_path)
+    if s.profile == "cpu" or shape is None:
+        return True
+    if gpu_gb is None:
+        gpu_gb = _gpu_memory_gb()
+    need = ACTIVATION_BYTES * shape["num_hidden_layers"] * shape["hidden_size"] * s.max_length * s.batch_size
+    return not (gpu_gb and need <= 0.6 * gpu_gb * 2**30)
+
+
+def _gpu_memory_gb() -> float:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return min(torch.cuda.get_device_properties(i).total_memory
+                       for i in range(torch.cuda.device_count())) / 2**30
+    except Exception:
+        pass
+    return 0.0
+
+
 def render(s: TrainSettings) -> str:
     src = _Source(builtin_config(s.base_config).read_text(encoding="utf-8"))
     literal = {
@@ -171,6 +233,10 @@ def render(s: TrainSettings) -> str:
     elif src._keyword("model", ["lora"]) is not None:
         src.set_kw("model", ["lora", "r"], repr(s.lora_r))
         src.set_kw("model", ["lora", "lora_alpha"], repr(s.lora_alpha))
+    if src._keyword("default_hooks", ["logger", "interval"]) is not None:
+        src.set_kw("default_hooks", ["logger", "interval"], repr(s.log_interval))
+    # recompute activations in the backward pass: less memory, about a third more compute
+    src.put_kw("model", "use_activation_checkpointing", repr(use_checkpointing(s)))
     if s.profile == "cpu":  # fp32, no AMP: CPU runs for tests and the demo
         if src._keyword("model", ["llm", "torch_dtype"]) is not None:
             src.set_kw("model", ["llm", "torch_dtype"], "torch.float32")

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import builtin_config, template_of, write_config
+from .config import builtin_config, model_shape, template_of, write_config
 from .data.io import DataError, run_cli, write_jsonl
 from .data.validate import samples, validate
 from .run import StepFailed, checkpoints, export_full, merge, train
@@ -130,7 +130,7 @@ def run(s: TrainSettings, out: str | Path | None = None, resume: bool = False) -
     else:
         merge(s.model_path, work / "adapters" / f"iter_{best.iteration}", out, work / "merge.log", device)
     print(f"[done] merged model ({'iter_%d' % best.iteration} of {len(checkpoints(work))}): {out}")
-    print(summary(work / "train.log"))
+    print(summary(work / "train.log", s.model_path, s.max_length if s.pack_to_max_length else 0))
     return out
 
 
@@ -147,9 +147,26 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800
                "4090": 165.0, "A10": 125.0}  # dense bf16 / fp16 tensor core peaks
 
 
-def summary(log: Path) -> str:
+def model_flops_per_token(model_path: str | Path, seq_len: int) -> float | None:
+    """Training FLOPs per token from the model's shape: 6 x the matmul parameters (every layer's
+    projections and the output head; not the embedding lookup) plus causal attention,
+    6 x layers x hidden x seq_len (PaLM's MFU, halved for the causal mask). Recomputation by
+    activation checkpointing is not counted: this is model FLOPs, not hardware FLOPs."""
+    c = model_shape(model_path)
+    if c is None:
+        return None
+    h, layers, inter, vocab = (c[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
+    heads, kv = c["num_attention_heads"], c["num_key_value_heads"]
+    head_dim = h // heads
+    matmul = layers * (2 * h * h + 2 * h * kv * head_dim + 3 * h * inter) + vocab * h
+    return 6.0 * matmul + 6.0 * layers * h * seq_len
+
+
+def summary(log: Path, model_path: str | Path | None = None, seq_len: int = 0) -> str:
     """Seconds per iteration, tokens/s per GPU, peak memory and MFU, from XTuner's log (the
-    first logged interval, warm-up, left out)."""
+    first logged interval, warm-up, left out). MFU is model FLOPs (from the parameter count of
+    `model_path`) x tokens/s over the GPU's dense bf16 peak; XTuner's own TFLOPs figure counts
+    activation recomputation too, so it is shown as the hardware rate."""
     rows = []
     for line in log.read_text(encoding="utf-8", errors="replace").splitlines() if log.exists() else []:
         m = _LOG.search(line)
@@ -170,8 +187,13 @@ def summary(log: Path) -> str:
         parts.append(f"{tps:,.0f} tokens/s/{per}")
     if mem:
         parts.append(f"peak memory {mem / 1024:.1f} GB")
+    fpt = model_flops_per_token(model_path, seq_len) if model_path and tps else None
+    if fpt:
+        model_tflops = fpt * tps / 1e12
+        parts.append(f"model {model_tflops:.1f} TFLOPs/{per}"
+                     + (f", MFU {100 * model_tflops / peak:.1f} % of {peak:.0f}" if peak else ""))
     if tflops and tflops >= 0.05:
-        parts.append(f"{tflops:.1f} TFLOPs/{per}" + (f", MFU {100 * tflops / peak:.1f} %" if peak else ""))
+        parts.append(f"XTuner's hardware estimate {tflops:.1f} TFLOPs")
     return "[summary] " + ", ".join(parts)
 
 

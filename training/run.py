@@ -75,7 +75,10 @@ def train(config: Path, s: TrainSettings, resume: bool = False) -> Path:
             raise DataError(f"resume: no checkpoint in {work}")
         args += ["--resume", str(last)]
     cmd = _tool("train", *args)
-    if s.gpus > 1:  # what `NPROC_PER_NODE=N xtuner train` does, with our interpreter
+    # Several GPUs: what `NPROC_PER_NODE=N xtuner train` does, with our interpreter. DeepSpeed
+    # on one GPU goes the same way: run as a plain process it looks for MPI (mpi4py) to find
+    # its rank; under torchrun the rank comes from the environment.
+    if s.gpus > 1 or s.deepspeed:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={s.gpus}",
                "-m", "training.xtuner_tool", "train", *args, "--launcher", "pytorch"]
     run_step("train", cmd, work / "train.log", local_model=Path(s.model_path).exists())

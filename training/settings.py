@@ -30,8 +30,9 @@ class TrainSettings:
     model_path: str = ""
     data_files: list[str] = field(default_factory=list)
     prompt_template: str = ""           # empty: the base config's own
-    max_length: int = 2048
+    max_length: int = 8192              # packed tokens per sample (and the truncation length)
     pack_to_max_length: bool = True
+    activation_checkpointing: str = "auto"  # true | false | auto: off on GPUs of >= 80 GB
     batch_size: int = 1
     accumulative_counts: int = 16
     epochs: int = 3
@@ -39,6 +40,7 @@ class TrainSettings:
     lr: float = 2e-4
     warmup_ratio: float = 0.03
     save_steps: int = 500
+    log_interval: int = 10              # iterations per line of train.log (and per progress step)
     save_total_limit: int = -1          # keep every checkpoint: selection scores them all
     evaluation_freq: int = 500
     evaluation_inputs: list[str] = field(default_factory=lambda: ["你是谁", "请介绍一下你自己"])
@@ -67,13 +69,15 @@ class TrainSettings:
             raise bad("method", f"must be one of {', '.join(METHODS)}")
         if self.deepspeed not in DEEPSPEED:
             raise bad("deepspeed", f"must be one of {', '.join(d or 'empty' for d in DEEPSPEED)}")
+        if str(self.activation_checkpointing).lower() not in ("auto", "true", "false"):
+            raise bad("activation_checkpointing", "must be auto, true or false")
         if self.profile not in ("gpu", "cpu"):
             raise bad("profile", "must be gpu or cpu")
         if self.profile == "cpu" and (self.method == "qlora" or self.deepspeed or self.gpus > 1):
             raise DataError("profile cpu: QLoRA, DeepSpeed and several GPUs need CUDA "
                             "(use method: lora, no deepspeed, gpus: 1)")
         for name in ("max_length", "batch_size", "accumulative_counts", "epochs", "save_steps",
-                     "evaluation_freq", "gpus", "lora_r", "lora_alpha"):
+                     "evaluation_freq", "gpus", "lora_r", "lora_alpha", "log_interval"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
         if self.max_steps < 0 or not 0 <= self.warmup_ratio < 1 or self.lr <= 0:

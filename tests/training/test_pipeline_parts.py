@@ -3,6 +3,7 @@ adapters, the seeds' own files, templates, full fine-tuning's config, checkpoint
 the checks before anything runs, file modes, and the settings' small traps."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -16,7 +17,7 @@ from conftest import ROOT
 from training.config import load_config, template_of, write_config
 from training.data.io import DataError, write_jsonl
 from training.data.validate import samples, validate
-from training.pipeline import preflight, prepare_work_dir, summary, warn_template_mismatch
+from training.pipeline import model_flops_per_token, preflight, prepare_work_dir, summary, warn_template_mismatch
 from training.run import SOURCE, _stamp, converted
 from training.select import Score, general_quality, pick, table
 from training.settings import TrainSettings
@@ -224,4 +225,33 @@ def test_the_summary_reads_xtunders_log(tmp_path):
              f"loss: 0.5  tflops: 97.0000  tokens_per_sec: 3470.0" for i, t in ((10, 1.0), (20, 0.3), (30, 0.29))]
     log.write_text("\n".join(lines), encoding="utf-8")
     out = summary(log)
-    assert "0.295 s/iter" in out and "3,470 tokens/s" in out and "peak memory 9.5 GB" in out and "97.0 TFLOPs" in out
+    assert "0.295 s/iter" in out and "3,470 tokens/s" in out and "peak memory 9.5 GB" in out and "estimate 97.0 TFLOPs" in out
+
+
+def test_activation_checkpointing_auto_follows_the_gpus_memory(tmp_path):
+    from training.config import use_checkpointing
+    from training.settings import TrainSettings
+
+    (tmp_path / "config.json").write_text(json.dumps({  # InternLM2-1.8B and -7B shapes
+        "hidden_size": 2048, "num_hidden_layers": 24, "intermediate_size": 8192, "vocab_size": 92544}))
+    s = TrainSettings(model_path=str(tmp_path), data_files=["x"], max_length=8192)
+    assert use_checkpointing(s, gpu_gb=79.6) is False     # H100 80 GB: the measured 46 GB fits
+    assert use_checkpointing(s, gpu_gb=24) is True         # a 24 GB card recomputes
+    assert use_checkpointing(dataclasses.replace(s, activation_checkpointing="true"), gpu_gb=141) is True
+    assert use_checkpointing(dataclasses.replace(s, profile="cpu"), gpu_gb=0) is True
+    (tmp_path / "config.json").write_text(json.dumps({
+        "hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336, "vocab_size": 92544}))
+    assert use_checkpointing(s, gpu_gb=79.6) is True      # 7B at 8,192 tokens would not fit
+
+
+def test_mfu_comes_from_the_parameter_count(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({
+        "hidden_size": 2048, "num_hidden_layers": 24, "intermediate_size": 8192, "vocab_size": 92544,
+        "num_attention_heads": 16, "num_key_value_heads": 8}))
+    fpt = model_flops_per_token(tmp_path, 8192)
+    assert 12.6e9 < fpt < 12.7e9  # 6 x 1.70 B matmul parameters + causal attention at 8,192
+    log = tmp_path / "train.log"
+    log.write_text("\n".join(f"Iter(train) [{i}/30]  time: 0.34  memory: 47100  tflops: 319.1  "
+                             f"tokens_per_sec: 24146.0" for i in (5, 10, 15)), encoding="utf-8")
+    out = summary(log, tmp_path, 8192)
+    assert "model 304.5 TFLOPs" in out and "XTuner's hardware estimate 319.1 TFLOPs" in out
