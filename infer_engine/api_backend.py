@@ -23,6 +23,9 @@ COMMON_CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|actio
 
 
 class ApiEngine(Engine):
+    # passed through to the remote server, which refuses what it cannot do
+    features = frozenset({"frequency_penalty", "presence_penalty"})
+
     def __init__(self, settings: EngineSettings):
         from openai import OpenAI
 
@@ -63,6 +66,9 @@ class ApiEngine(Engine):
             req["stop"] = list(sampling.stop)
         if sampling.seed is not None:
             req["seed"] = sampling.seed
+        for name in ("frequency_penalty", "presence_penalty"):  # OpenAI's own fields
+            if getattr(sampling, name):
+                req[name] = getattr(sampling, name)
         # vLLM, LMDeploy and our server accept these extensions; OpenAI itself does not.
         extra = {"top_k": sampling.top_k, "repetition_penalty": sampling.repetition_penalty}
         if sampling.ignore_eos:

@@ -11,7 +11,7 @@ Send = Callable[[dict], Awaitable[None]]
 
 
 def _json_error(status: int, message: str, kind: str) -> bytes:
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": None}}).encode()
 
 
 class RequestLimits:

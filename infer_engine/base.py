@@ -199,9 +199,14 @@ class SessionRegistry(Generic[T]):
         return len(self._items)
 
 
+ROLE_ALIASES = {"developer": "system"}  # what OpenAI's newer clients send for system
+
+
 def check_messages(messages: Sequence[Message], continue_final: bool = False) -> list[Message]:
-    """Validate an OpenAI-style message list; flatten list-of-parts content to text. The last
-    message is the user's question, or with continue_final the reply to go on with."""
+    """Validate an OpenAI-style message list; flatten list-of-parts content to text; the
+    `developer` role is the system role. Any conversation is taken: system only, ending with
+    a user message, or ending with a reply (a new reply follows it; with continue_final the
+    model goes on with that reply instead)."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequest("messages must be a non-empty list", param="messages")
     out = []
@@ -210,8 +215,9 @@ def check_messages(messages: Sequence[Message], continue_final: bool = False) ->
         if not isinstance(m, dict):
             raise InvalidRequest(f"{where} must be an object with role and content", param=where)
         role, content = m.get("role"), m.get("content")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
         if role not in ROLES:
-            raise InvalidRequest(f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}",
+            raise InvalidRequest(f"{where}.role must be one of {', '.join(ROLES)} or developer, got {role!r}",
                                  param=f"{where}.role")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
@@ -220,11 +226,9 @@ def check_messages(messages: Sequence[Message], continue_final: bool = False) ->
                                      param=f"{where}.content")
             content = "".join(parts)
         out.append({"role": role, "content": check_text(content, f"{where}.content")})
-    last = "assistant" if continue_final else "user"
-    if out[-1]["role"] != last or not any(m["role"] == "user" for m in out):
-        raise InvalidRequest(f"the last message must have role {last!r}" + (
-            " (the reply to continue) after a user message" if continue_final else ""),
-            param=f"messages[{len(out) - 1}].role")
+    if continue_final and out[-1]["role"] != "assistant":
+        raise InvalidRequest("continuing the final message needs an assistant message last, got "
+                             f"{out[-1]['role']!r}", param=f"messages[{len(out) - 1}].role")
     return out
 
 
@@ -238,6 +242,7 @@ class Generation:
         self.session_id, self.messages, self.prompt_ids, self.sampling = \
             session_id, messages, prompt_ids, sampling
         self.continue_final = continue_final  # the last message is a reply to go on with
+        self.raw_prompt: str | None = None    # a plain completion: this text, no chat template
         self.cancelled = threading.Event()
         self._callbacks: list[Callable[[], Any]] = []
         self._lock = threading.Lock()
@@ -276,6 +281,10 @@ class Engine(abc.ABC):
     prompt: Any = None
     session_len: int = 0
     max_concurrency: int = 1  # generations it runs at once (what the app lets run together)
+    # what it honours beyond the common sampling settings: "frequency_penalty",
+    # "presence_penalty", "completions" (a plain prompt, not a conversation); a request for
+    # anything else is refused naming the field, never silently ignored
+    features: frozenset[str] = frozenset()
 
     def __init__(self) -> None:
         self._sessions: SessionRegistry[Generation] = SessionRegistry()
@@ -301,12 +310,44 @@ class Engine(abc.ABC):
 
     def _prepare(self, messages: Sequence[Message], sampling: SamplingParams | None,
                  session_id: str, continue_final: bool = False) -> Generation:
-        sampling = (sampling or SamplingParams()).validate()
+        sampling = self.check_features((sampling or SamplingParams()).validate())
         msgs = check_messages(messages, continue_final)
         ids = None
         if self.prompt is not None:
             msgs, ids = self.prompt.fit(msgs, self.session_len, sampling.max_new_tokens, continue_final)
         return Generation(session_id, msgs, ids, sampling, continue_final)
+
+    def check_features(self, sampling: SamplingParams) -> SamplingParams:
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(sampling, name) and name not in self.features:
+                raise InvalidRequest(f"{name}: not supported by the {self.backend_name} backend", param=name)
+        return sampling
+
+    @property
+    def backend_name(self) -> str:
+        return type(self).__name__.removesuffix("Engine").lower() or "this"
+
+    def stream_completion(self, prompt: str, sampling: SamplingParams | None = None,
+                          session_id: str = "default") -> Iterator[Delta]:
+        """Like stream_chat for a plain prompt (no chat template): the model goes on with the
+        text. Control-token text in it stays text, as in a chat message."""
+        if "completions" not in self.features:
+            raise InvalidRequest(f"prompt: plain completions are not supported by the {self.backend_name} "
+                                 "backend (use chat completions)", param="prompt")
+        sampling = self.check_features((sampling or SamplingParams()).validate())
+        prompt = check_text(prompt, "prompt")
+        if not prompt:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        ids = None
+        if self.prompt is not None:
+            ids = self.prompt.encode_plain(prompt)
+            if len(ids) + sampling.max_new_tokens > self.session_len:
+                from .errors import ContextOverflow
+                raise ContextOverflow(f"the prompt is {len(ids)} tokens; with max_tokens {sampling.max_new_tokens} "
+                                      f"that is more than the context of {self.session_len} tokens", param="prompt")
+        gen = Generation(session_id, [], ids, sampling)
+        gen.raw_prompt = prompt
+        return self._stream(gen)
 
     def _stream(self, gen: Generation) -> Iterator[Delta]:
         self._sessions.add(gen.session_id, gen)

@@ -7,6 +7,7 @@ class EngineError(Exception):
 
     status = 500
     kind = "internal_error"
+    code: str | None = None  # OpenAI's error code (a string or null)
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
@@ -30,6 +31,9 @@ class ContextOverflow(InvalidRequest):
         self.max_new_tokens_that_fit = max_new_tokens_that_fit
 
 
+ContextOverflow.code = "context_length_exceeded"
+
+
 class SessionBusy(InvalidRequest):
     """The session id already has a generation running (one at a time per session)."""
 
@@ -37,11 +41,13 @@ class SessionBusy(InvalidRequest):
 class AuthenticationFailed(EngineError):
     status = 401
     kind = "authentication_error"
+    code = "invalid_api_key"
 
 
 class ModelNotFound(EngineError):
     status = 404
     kind = "not_found_error"
+    code = "model_not_found"
 
 
 class BackendUnavailable(EngineError):
@@ -49,3 +55,9 @@ class BackendUnavailable(EngineError):
 
     status = 503
     kind = "backend_unavailable"
+
+
+class UnsupportedMediaType(InvalidRequest):
+    """A request body that is not JSON (text/plain, form data)."""
+
+    status = 415

@@ -66,11 +66,15 @@ class LMDeployEngine(Engine):
                              log_level="WARNING", **(pipeline_kwargs or {}))
         # continuous batching: as many as LMDeploy batches (its default is 128 on these GPUs)
         self.max_concurrency = settings.lmdeploy.max_batch_size or 128
+        # GenerationConfig has no frequency / presence penalty (repetition_penalty only)
+        self.features = frozenset({"completions"})
 
     def generate(self, gen: Generation) -> Iterator[Piece]:
         session = self.pipe.session()
         gen.on_cancel(session.abort)
-        outputs = self.pipe.stream_infer(self.prompt.text(gen.messages, gen.continue_final), sessions=session,
+        text = self.prompt.plain_text(gen.raw_prompt) if gen.raw_prompt is not None \
+            else self.prompt.text(gen.messages, gen.continue_final)
+        outputs = self.pipe.stream_infer(text, sessions=session,
                                          gen_config=generation_config(gen.sampling,
                                                                       self.prompt.stop_token_ids),
                                          do_preprocess=False)

@@ -157,6 +157,11 @@ class ChatPrompt:
                 add(t.instruction, "input", m["content"])
             elif m["role"] == "assistant":
                 segs += [Segment(m["content"], False), Segment(t.suffix + t.sep, True)]
+        if messages[-1]["role"] != "user":  # system only, or after a reply: a new reply's start
+            after = t.instruction.split("{input}")[1]
+            segs.append(Segment(after[len(t.suffix):] if after.startswith(t.suffix) else after, True))
+            if segs[-1].text.startswith(t.sep) and len(segs) > 1 and segs[-2].text.endswith(t.sep):
+                segs[-1] = Segment(segs[-1].text[len(t.sep):], True)
         if self.tokenizer.bos_token:  # XTuner prepends BOS to every sample
             segs.insert(0, Segment(self.tokenizer.bos_token, True))
         return [s for s in segs if s.text]
@@ -164,7 +169,11 @@ class ChatPrompt:
     def _jinja_segments(self, messages: Sequence[dict]) -> list[Segment]:
         # Render with placeholders, then cut the result back into template text and content.
         marked = [{"role": m["role"], "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
-        rendered = self.tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+        try:
+            rendered = self.tokenizer.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the model's own template refuses this conversation's shape
+            raise InvalidRequest(f"messages: the model's chat template refused them: {exc}",
+                                 param="messages") from None
         segs, pos = [], 0
         for match in self._PLACEHOLDER.finditer(rendered):
             segs.append(Segment(rendered[pos:match.start()], True))
@@ -176,6 +185,15 @@ class ChatPrompt:
     def encode(self, messages: Sequence[dict], continue_final: bool = False) -> list[int]:
         """Token ids with content encoded as plain text (special-token parsing off)."""
         return self._encode_segments(self.segments(messages, continue_final), {})
+
+    def encode_plain(self, text: str) -> list[int]:
+        """A plain prompt's ids: BOS where the model uses one, then the text as text."""
+        bos = self.tokenizer.bos_token
+        return self._encode_segments(([Segment(bos, True)] if bos else []) + [Segment(text, False)], {})
+
+    def plain_text(self, text: str) -> str:
+        """A plain prompt for engines that tokenize it themselves, control tokens neutralised."""
+        return escape_control_tokens(text, self.control_tokens)
 
     def _encode_segments(self, segments: Sequence[Segment], cache: dict) -> list[int]:
         """Encode segment by segment (ids are additive over segments), each distinct segment
@@ -223,8 +241,14 @@ class ChatPrompt:
                                   f"context of {session_len} tokens: lower it", param="max_new_tokens")
         starts = [i for i, m in enumerate(msgs) if m["role"] == "user"]
         # Leading replies before the first user message form a turn of their own.
-        if any(m["role"] != "system" for m in msgs[:starts[0]]):
-            starts.insert(0, 0)
+        first = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
+        if first is not None and (not starts or first < starts[0]):
+            starts.insert(0, first)
+        if not starts:  # system messages only: nothing to drop
+            ids = self._encode_segments(self.segments(msgs, continue_final), {})
+            if len(ids) > budget:
+                raise self._overflow(msgs, session_len, max_new_tokens, {}, continue_final)
+            return msgs, ids
         cache: dict = {}
 
         def kept(k: int) -> list[dict]:  # system messages + the newest k turns

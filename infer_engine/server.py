@@ -2,8 +2,9 @@
 
     python -m infer_engine.server --model-path models/tiny-chat --port 23333 [--api-key KEY]
 
-Endpoints: GET /v1/models, POST /v1/chat/completions (SSE when "stream": true). Errors use
-OpenAI's JSON shape with 400/401/404/413. A client that disconnects cancels its generation.
+Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions and POST
+/v1/completions (SSE when "stream": true; `n` choices). Errors use OpenAI's JSON shape with
+400/401/404/413/415. A client that disconnects cancels its generations.
 Every request is one log line (loguru): status, session, tokens, time to first token, finish.
 """
 from __future__ import annotations
@@ -22,13 +23,14 @@ from typing import Any, AsyncIterator, Callable
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from loguru import logger
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 
 from .aio import ThreadedStream
 from .asgi import RequestLimits
 from .base import Delta, Engine, Usage, check_messages
-from .errors import AuthenticationFailed, EngineError, InvalidRequest, ModelNotFound
-from .protocol import error_body, parse_request
+from .errors import AuthenticationFailed, EngineError, InvalidRequest, ModelNotFound, UnsupportedMediaType
+from .protocol import ChatCompletionRequest, CompletionRequest, error_body, parse_completion_request, parse_request
 from .settings import (add_dataclass_arguments, add_engine_arguments, dataclass_from_args,
                        settings_from_args)
 
@@ -55,10 +57,15 @@ class ServerSettings:
         return self
 
 
-def _usage_json(u: Usage) -> dict:
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens, "ttft_s": u.ttft_s,
-            "decode_tokens_per_s": u.decode_tokens_per_s}
+def _usage_json(usages: list[Usage]) -> dict:
+    """OpenAI's usage, exactly its fields: the prompt once, the completions of all choices."""
+    prompt, completion = usages[0].prompt_tokens, sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _timings_json(u: Usage) -> dict:
+    """Our timing figures (first choice), beside usage rather than in it (llama.cpp's place)."""
+    return {"ttft_s": u.ttft_s, "decode_tokens_per_s": u.decode_tokens_per_s}
 
 
 async def _watching(request: Request, on_disconnect: Callable[[], Any], step: Any) -> Any:
@@ -77,15 +84,41 @@ async def _watching(request: Request, on_disconnect: Callable[[], Any], step: An
             task.cancel()
 
 
+def _is_json(request: Request) -> bool:
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+
+
+@dataclass
+class _Call:
+    """One request's n generations, as the endpoint describes them."""
+
+    path: str                        # for the log line
+    obj: str                         # chat.completion | text_completion
+    prefix: str                      # id prefix
+    chat: bool
+    streams: list[ThreadedStream] = field(default_factory=list)
+    firsts: list[list[Delta]] = field(default_factory=list)
+    sessions: list[str] = field(default_factory=list)
+
+
 def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int = int(ServerSettings.max_body_mb * 2**20)) -> FastAPI:
     name = model_name or engine.model_name
-    app = FastAPI(title="infer_engine OpenAI-compatible server",
-                  middleware=[Middleware(RequestLimits, max_bytes=max_body_bytes)])
+    app = FastAPI(title="infer_engine OpenAI-compatible server", docs_url=None, redoc_url=None,
+                  openapi_url=None, middleware=[Middleware(RequestLimits, max_bytes=max_body_bytes)])
 
-    def error(exc: EngineError, session: str = "-") -> JSONResponse:
-        logger.info("POST /v1/chat/completions {} session={} error={!r}", exc.status, session, exc.message)
+    def error(exc: EngineError, session: str = "-", path: str = "/v1/chat/completions") -> JSONResponse:
+        logger.info("{} {} session={} error={!r}", path, exc.status, session, exc.message)
         return JSONResponse(error_body(exc), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # unknown route, wrong method
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: " + (
+            "no such endpoint" if exc.status_code == 404 else str(exc.detail).lower())
+        return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": None}},
+                            status_code=exc.status_code)
 
     def unauthorized(request: Request) -> JSONResponse | None:
         if not api_key:
@@ -93,121 +126,193 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
         given = request.headers.get("authorization", "")
         if hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
             return None
-        return error(AuthenticationFailed("invalid or missing API key (Authorization: Bearer ...)"))
+        return error(AuthenticationFailed("invalid or missing API key (Authorization: Bearer ...)"),
+                     path=request.url.path)
+
+    def model_card() -> dict:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "infer_engine"}
 
     @app.get("/v1/models")
     async def models(request: Request):
         if (denied := unauthorized(request)) is not None:
             return denied
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0,
-                                            "owned_by": "infer_engine"}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str):
+        if (denied := unauthorized(request)) is not None:
+            return denied
+        if model_id != name:
+            return error(ModelNotFound(f"The model {model_id!r} does not exist; this server serves {name!r}",
+                                       param="model"), path=request.url.path)
+        return model_card()
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
+    async def start(request: Request, call: _Call, parse: Callable[[bytes], Any],
+                    open_stream: Callable[[Any, Any, str], Any]) -> Any:
+        """Parse, check and start the request's n generations; their first items are awaited
+        here, so what fails before the first token is an HTTP error, not a broken stream."""
         if (denied := unauthorized(request)) is not None:
             return denied
         session_id, req = uuid.uuid4().hex, None
         try:
-            req = parse_request(await request.body())
+            if not _is_json(request):
+                raise UnsupportedMediaType("the request body must be JSON (Content-Type: application/json)")
+            req = parse(await request.body())
             if req.model not in (None, "", name):
                 raise ModelNotFound(f"model {req.model!r} does not exist; this server serves {name!r}",
                                     param="model")
-            if req.n not in (None, 1):
-                raise InvalidRequest("only n=1 is supported", param="n")
-            messages = check_messages(req.messages)
-            sampling = req.sampling()
-            # Validation, context fit and the generation all run on the stream's own thread;
-            # what fails before the first token is an HTTP error, not a broken stream.
-            stream = ThreadedStream(lambda: engine.stream_chat(messages, sampling, session_id))
-            first = await _watching(request, lambda: engine.cancel(session_id), stream.take())
+            for i, sampling in enumerate(req.choices(req.sampling())):
+                sid = session_id if i == 0 else f"{session_id}.{i}"
+                # validation, context fit and the generation run on the stream's own thread
+                call.streams.append(ThreadedStream(lambda s=sampling, sid=sid: open_stream(req, s, sid)))
+                call.sessions.append(sid)
+            cancel_all = lambda: [engine.cancel(s) for s in call.sessions]  # noqa: E731
+            for stream in call.streams:
+                call.firsts.append(await _watching(request, cancel_all, stream.take()))
         except EngineError as exc:
-            return error(req.in_request_terms(exc) if req is not None else exc, session_id)
-        cid, created = f"chatcmpl-{session_id}", int(time.time())
+            for sid in call.sessions:
+                engine.cancel(sid)
+            return error(req.in_request_terms(exc) if req is not None else exc, session_id, call.path)
+        cid, created = f"{call.prefix}-{session_id}", int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(engine, stream, first, session_id, cid, created, name, include_usage),
+            return StreamingResponse(_sse(engine, call, cid, created, name, include_usage),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await _complete(engine, stream, first, session_id, cid, created, name, request)
+        return await _complete(engine, call, cid, created, name, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        def open_stream(req: ChatCompletionRequest, sampling: Any, sid: str) -> Any:
+            final = req.continue_final
+            return engine.stream_chat(check_messages(req.messages, final), sampling, sid, final)
+        return await start(request, _Call("/v1/chat/completions", "chat.completion", "chatcmpl", True),
+                           parse_request, open_stream)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        def open_stream(req: CompletionRequest, sampling: Any, sid: str) -> Any:
+            return engine.stream_completion(req.text, sampling, sid)
+        return await start(request, _Call("/v1/completions", "text_completion", "cmpl", False),
+                           parse_completion_request, open_stream)
 
     return app
 
 
-def _log_done(session_id: str, status: int, usage: Usage | None, stream: bool, note: str = "") -> None:
+def _log_done(path: str, session_id: str, status: int, usage: Usage | None, stream: bool, note: str = "") -> None:
     if usage is None:
-        logger.info("POST /v1/chat/completions {} session={} stream={} {}", status, session_id[:12],
-                    stream, note)
+        logger.info("POST {} {} session={} stream={} {}", path, status, session_id[:12], stream, note)
         return
     ttft = "-" if usage.ttft_s is None else f"{usage.ttft_s * 1000:.0f}ms"
-    logger.info("POST /v1/chat/completions {} session={} stream={} prompt_tokens={} completion_tokens={} "
-                "ttft={} finish={} {}", status, session_id[:12], stream, usage.prompt_tokens,
+    logger.info("POST {} {} session={} stream={} prompt_tokens={} completion_tokens={} "
+                "ttft={} finish={} {}", path, status, session_id[:12], stream, usage.prompt_tokens,
                 usage.completion_tokens, ttft, usage.finish_reason, note)
 
 
-async def _complete(engine: Engine, stream: ThreadedStream, first: list, session_id: str, cid: str,
-                    created: int, name: str, request: Request) -> Any:
-    async def collect() -> tuple[str, Usage]:
-        parts, usage, items = [], Usage(), first
-        while items:
-            for delta in items:
-                parts.append(delta.text)
-                usage = delta.usage or usage
-            items = await stream.take()
-        return "".join(parts), usage
+async def _collect(stream: ThreadedStream, first: list[Delta]) -> tuple[str, Usage]:
+    parts, usage, items = [], Usage(), first
+    while items:
+        for delta in items:
+            parts.append(delta.text)
+            usage = delta.usage or usage
+        items = await stream.take()
+    return "".join(parts), usage
 
+
+async def _complete(engine: Engine, call: _Call, cid: str, created: int, name: str, request: Request) -> Any:
+    cancel_all = lambda: [engine.cancel(s) for s in call.sessions]  # noqa: E731
     try:
-        text, usage = await _watching(request, lambda: engine.cancel(session_id), collect())
+        done = await _watching(request, cancel_all, asyncio.gather(
+            *(_collect(s, f) for s, f in zip(call.streams, call.firsts))))
     except EngineError as exc:
-        _log_done(session_id, exc.status, None, False, f"error={exc.message!r}")
+        cancel_all()
+        _log_done(call.path, call.sessions[0], exc.status, None, False, f"error={exc.message!r}")
         return JSONResponse(error_body(exc), status_code=exc.status)
-    _log_done(session_id, 200, usage, False)
-    return {"id": cid, "object": "chat.completion", "created": created, "model": name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": usage.finish_reason}],
-            "usage": _usage_json(usage)}
+    usages = [u for _, u in done]
+    _log_done(call.path, call.sessions[0], 200, usages[0], False)
+    if call.chat:
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": u.finish_reason} for i, (text, u) in enumerate(done)]
+    else:
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": u.finish_reason}
+                   for i, (text, u) in enumerate(done)]
+    return {"id": cid, "object": call.obj, "created": created, "model": name, "choices": choices,
+            "usage": _usage_json(usages), "timings": _timings_json(usages[0])}
 
 
-async def _sse(engine: Engine, stream: ThreadedStream, first: list[Delta], session_id: str, cid: str,
-               created: int, name: str, include_usage: bool) -> AsyncIterator[str]:
-    """One chunk per batch of deltas: when the loop is busy, what arrived meanwhile goes out
-    together instead of one write per token."""
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+async def _sse(engine: Engine, call: _Call, cid: str, created: int, name: str,
+               include_usage: bool) -> AsyncIterator[str]:
+    """One chunk per batch of deltas of a choice: when the loop is busy, what arrived meanwhile
+    goes out together instead of one write per token. Each choice ends with one chunk carrying
+    its finish_reason; usage (if asked) and [DONE] come after all of them, errors included."""
+    obj = f"{call.obj}.chunk" if call.chat else call.obj
 
-    finished, usage = False, None
+    def chunk(i: int, text: str | None, finish: str | None = None, role: bool = False) -> str:
+        if call.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+        body = {"id": cid, "object": obj, "created": created, "model": name, "choices": [choice]}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int) -> None:
+        items, usage = call.firsts[i], None
+        try:
+            while items:
+                await queue.put((i, items, None))
+                usage = next((d.usage for d in reversed(items) if d.usage), usage)
+                items = await call.streams[i].take()
+            await queue.put((i, None, usage or Usage()))
+        except EngineError as exc:
+            await queue.put((i, exc, None))
+
+    usages: list[Usage | None] = [None] * len(call.streams)
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(call.streams))]
+    finished, failed = False, None
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        items = first
-        while items:
+        if call.chat:
+            for i in range(len(call.streams)):
+                yield chunk(i, None, role=True)
+        left = len(call.streams)
+        while left:
+            i, items, usage = await queue.get()
+            if isinstance(items, EngineError):  # a generation failed mid-stream: say so, end it
+                failed, left = items, left - 1
+                for sid in call.sessions:
+                    engine.cancel(sid)
+                continue
+            if items is None:
+                usages[i], left = usage, left - 1
+                yield chunk(i, None, usage.finish_reason)
+                continue
             text = "".join(d.text for d in items)
             if text:
-                yield chunk({"content": text})
-            usage = next((d.usage for d in reversed(items) if d.usage), usage)
-            items = await stream.take()
-        usage = usage or Usage()
-        yield chunk({}, usage.finish_reason)
-        if include_usage:
-            obj = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
-                   "choices": [], "usage": _usage_json(usage)}
-            yield f"data: {json.dumps(obj)}\n\n"
+                yield chunk(i, text)
+        if failed is not None:
+            yield f"data: {json.dumps(error_body(failed))}\n\n"
+        elif include_usage:
+            done = [u or Usage() for u in usages]
+            body = {"id": cid, "object": obj, "created": created, "model": name, "choices": [],
+                    "usage": _usage_json(done), "timings": _timings_json(done[0])}
+            yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
         finished = True
-        _log_done(session_id, 200, usage, True)
-    except EngineError as exc:  # the generation failed mid-stream: say so, then end the stream
-        yield f"data: {json.dumps(error_body(exc))}\n\n"
-        yield "data: [DONE]\n\n"
-        finished = True
-        _log_done(session_id, 200, usage, True, f"error={exc.message!r}")
+        _log_done(call.path, call.sessions[0], 200, usages[0], True,
+                  f"error={failed.message!r}" if failed else "")
     finally:
-        if not finished:  # the client went away: the stream's thread then drains it
-            engine.cancel(session_id)
-            _log_done(session_id, 200, usage, True, "client disconnected")
+        for task in tasks:
+            task.cancel()
+        if not finished:  # the client went away: the streams' threads then drain them
+            for sid in call.sessions:
+                engine.cancel(sid)
+            _log_done(call.path, call.sessions[0], 200, usages[0], True, "client disconnected")
 
 
 def free_port() -> int:

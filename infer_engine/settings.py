@@ -119,6 +119,8 @@ class SamplingParams:
     top_p: float = 0.8
     top_k: int = 40
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0   # OpenAI's: logit - f x (times the token was generated)
+    presence_penalty: float = 0.0    # OpenAI's: logit - p x (token generated at all)
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # for benchmarks: always generate max_new_tokens
@@ -143,6 +145,10 @@ class SamplingParams:
             raise bad("top_k", "an integer >= 0 (0 disables it)")
         if not _is_num(self.repetition_penalty) or not MIN_PENALTY <= self.repetition_penalty <= 10:
             raise bad("repetition_penalty", f"a number in [{MIN_PENALTY:g}, 10]")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not _is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                raise bad(name, "a number in [-2, 2]")
+            setattr(self, name, float(getattr(self, name)))
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or len(self.stop) > MAX_STOP_STRINGS or \

@@ -201,10 +201,12 @@ class TransformersEngine(Engine):
                                "at a time", type(exc).__name__, exc)
                 self.max_concurrency = 1
         self._ids = itertools.count()
+        self.features = frozenset({"frequency_penalty", "presence_penalty", "completions"})
 
     def generate(self, gen: Generation) -> Iterator[Piece]:
         s = gen.sampling
-        if self._batcher is None or s.seed is not None or s.repetition_penalty != 1.0:
+        if self._batcher is None or s.seed is not None or s.repetition_penalty != 1.0 \
+                or s.frequency_penalty or s.presence_penalty:
             return self._generate_alone(gen)
         return self._generate_batched(gen)
 
@@ -278,6 +280,11 @@ class TransformersEngine(Engine):
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         if sampling.ignore_eos:
             kwargs["min_new_tokens"] = sampling.max_new_tokens
+        if sampling.frequency_penalty or sampling.presence_penalty:
+            from transformers import LogitsProcessorList
+
+            kwargs["logits_processor"] = LogitsProcessorList([_OpenAIPenalties(
+                len(gen.prompt_ids), sampling.frequency_penalty, sampling.presence_penalty)])
         try:
             # the batch pauses (keeping its sessions) while this runs alone
             with self._lock, (self._batcher.manager.pause() if self._batcher else contextlib.nullcontext()):
@@ -303,3 +310,21 @@ class TransformersEngine(Engine):
         self.model = None
         if self._torch.cuda.is_available():
             self._torch.cuda.empty_cache()
+
+
+class _OpenAIPenalties:
+    """OpenAI's frequency and presence penalties as a transformers logits processor: each
+    token's logit minus frequency x (times generated so far) and presence x (generated at all),
+    counting the reply only (not the prompt), as OpenAI defines them."""
+
+    def __init__(self, prompt_len: int, frequency: float, presence: float):
+        self.prompt_len, self.frequency, self.presence = prompt_len, frequency, presence
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        reply = input_ids[:, self.prompt_len:]
+        if reply.shape[1] == 0:
+            return scores
+        counts = torch.zeros_like(scores).scatter_add_(1, reply, torch.ones_like(reply, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)

@@ -64,7 +64,8 @@ def raw(served, body, headers=None, path="/v1/chat/completions", method="POST"):
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 9}, "temperature"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "ten"}, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, "top_p"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, "n"),
     ({"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}, "stream"),
     ({"messages": [{"role": "user", "content": "word " * 9000}]}, "messages"),
     # what used to be a plain-text 500

@@ -90,3 +90,15 @@ def test_batch_size_one_runs_generate_one_at_a_time(tiny_model):
     with create_engine(EngineSettings(model_path=str(tiny_model))) as batched:
         assert batched.chat(MSGS, SP)[0] == text  # the same greedy tokens either way
     assert usage.completion_tokens == 24
+
+
+def test_openai_penalties_count_the_reply_only():
+    import torch
+
+    from infer_engine.transformers_backend import _OpenAIPenalties
+
+    ids = torch.tensor([[5, 5, 1, 1, 2]])  # prompt [5, 5], reply [1, 1, 2]
+    scores = torch.zeros(1, 6)
+    out = _OpenAIPenalties(prompt_len=2, frequency=0.5, presence=1.0)(ids, scores)
+    # token 1 twice: -(0.5*2 + 1); token 2 once: -(0.5 + 1); token 5 is the prompt's: untouched
+    assert out.tolist() == [[0.0, -2.0, -1.5, 0.0, 0.0, 0.0]]
