@@ -24,7 +24,7 @@ COMMON_CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|actio
 
 class ApiEngine(Engine):
     # passed through to the remote server, which refuses what it cannot do
-    features = frozenset({"frequency_penalty", "presence_penalty"})
+    features = frozenset({"frequency_penalty", "presence_penalty", "response_format"})
 
     def __init__(self, settings: EngineSettings):
         from openai import OpenAI
@@ -66,7 +66,7 @@ class ApiEngine(Engine):
             req["stop"] = list(sampling.stop)
         if sampling.seed is not None:
             req["seed"] = sampling.seed
-        for name in ("frequency_penalty", "presence_penalty"):  # OpenAI's own fields
+        for name in ("frequency_penalty", "presence_penalty", "response_format"):  # OpenAI's own fields
             if getattr(sampling, name):
                 req[name] = getattr(sampling, name)
         # vLLM, LMDeploy and our server accept these extensions; OpenAI itself does not.

@@ -282,7 +282,8 @@ class Engine(abc.ABC):
     session_len: int = 0
     max_concurrency: int = 1  # generations it runs at once (what the app lets run together)
     # what it honours beyond the common sampling settings: "frequency_penalty",
-    # "presence_penalty", "completions" (a plain prompt, not a conversation); a request for
+    # "presence_penalty", "response_format" (constrained JSON), "completions" (a plain prompt,
+    # not a conversation); a request for
     # anything else is refused naming the field, never silently ignored
     features: frozenset[str] = frozenset()
 
@@ -318,7 +319,7 @@ class Engine(abc.ABC):
         return Generation(session_id, msgs, ids, sampling, continue_final)
 
     def check_features(self, sampling: SamplingParams) -> SamplingParams:
-        for name in ("frequency_penalty", "presence_penalty"):
+        for name in ("frequency_penalty", "presence_penalty", "response_format"):
             if getattr(sampling, name) and name not in self.features:
                 raise InvalidRequest(f"{name}: not supported by the {self.backend_name} backend", param=name)
         return sampling

@@ -50,7 +50,9 @@ def generation_config(sampling: SamplingParams, stop_token_ids: Sequence[int] = 
         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
         repetition_penalty=sampling.repetition_penalty, random_seed=sampling.seed,
         stop_token_ids=list(stop_token_ids) or None, ignore_eos=sampling.ignore_eos,
-        skip_special_tokens=True)
+        skip_special_tokens=True,
+        # guided decoding (xgrammar, PyTorch engine): OpenAI's response_format as LMDeploy takes it
+        **({"response_format": sampling.response_format} if sampling.response_format else {}))
 
 
 class LMDeployEngine(Engine):
@@ -67,7 +69,7 @@ class LMDeployEngine(Engine):
         # continuous batching: as many as LMDeploy batches (its default is 128 on these GPUs)
         self.max_concurrency = settings.lmdeploy.max_batch_size or 128
         # GenerationConfig has no frequency / presence penalty (repetition_penalty only)
-        self.features = frozenset({"completions"})
+        self.features = frozenset({"completions", "response_format"})
 
     def generate(self, gen: Generation) -> Iterator[Piece]:
         session = self.pipe.session()

@@ -22,7 +22,7 @@ SAMPLING_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max
                    "temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                    "repetition_penalty": "repetition_penalty", "frequency_penalty": "frequency_penalty",
                    "presence_penalty": "presence_penalty", "stop": "stop", "seed": "seed",
-                   "ignore_eos": "ignore_eos"}
+                   "ignore_eos": "ignore_eos", "response_format": "response_format"}
 MAX_N = 16
 
 
@@ -106,9 +106,6 @@ class ChatCompletionRequest(_Request):
             raise InvalidRequest("logprobs: not supported by this server", param="logprobs")
         if self.top_logprobs is not None:
             raise InvalidRequest("top_logprobs: not supported by this server", param="top_logprobs")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise InvalidRequest(f"response_format: type {self.response_format.get('type')!r} is not supported "
-                                 "(only 'text')", param="response_format")
         if self.tools or self.functions:
             name = "tools" if self.tools else "functions"
             raise InvalidRequest(f"{name}: tool calling is not supported by this server", param=name)

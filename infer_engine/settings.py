@@ -124,6 +124,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # for benchmarks: always generate max_new_tokens
+    # constrained decoding, OpenAI's shape: {"type": "json_object"} or {"type": "json_schema",
+    # "json_schema": {"name": ..., "schema": {...}}}; None (or type text): free text
+    response_format: dict | None = None
 
     @property
     def greedy(self) -> bool:
@@ -149,6 +152,7 @@ class SamplingParams:
             if not _is_num(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
                 raise bad(name, "a number in [-2, 2]")
             setattr(self, name, float(getattr(self, name)))
+        self.response_format = check_response_format(self.response_format)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or len(self.stop) > MAX_STOP_STRINGS or \
@@ -163,6 +167,27 @@ class SamplingParams:
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         self.repetition_penalty = float(self.repetition_penalty)
         return self
+
+
+def check_response_format(value: Any) -> dict | None:
+    """None for free text, else {"type": "json_object"} or {"type": "json_schema", "json_schema":
+    {"name": ..., "schema": {...}}} (the schema itself is checked when it is compiled)."""
+    def bad(why: str) -> InvalidRequest:
+        return InvalidRequest(f"response_format: {why}", param="response_format")
+
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise bad("type must be text, json_object or json_schema")
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise bad("json_schema must be an object with a schema object")
+        return {"type": "json_schema", "json_schema": {"name": str(spec.get("name") or "response"),
+                                                       "schema": spec.get("schema", {})}}
+    return {"type": "json_object"}
 
 
 def check_text(value: Any, where: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import queue
 import threading
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any, Iterator, Sequence
 from loguru import logger
 
 from .base import Engine, Generation, Piece
-from .errors import BackendUnavailable, EngineError
+from .errors import BackendUnavailable, EngineError, InvalidRequest
 from .prompts import ChatPrompt
 from .settings import EngineSettings
 
@@ -201,12 +202,13 @@ class TransformersEngine(Engine):
                                "at a time", type(exc).__name__, exc)
                 self.max_concurrency = 1
         self._ids = itertools.count()
-        self.features = frozenset({"frequency_penalty", "presence_penalty", "completions"})
+        self.features = frozenset({"frequency_penalty", "presence_penalty", "completions", "response_format"})
+        self._grammars = _Grammars(self.tokenizer, self.model.config, self.eos_ids)
 
     def generate(self, gen: Generation) -> Iterator[Piece]:
         s = gen.sampling
         if self._batcher is None or s.seed is not None or s.repetition_penalty != 1.0 \
-                or s.frequency_penalty or s.presence_penalty:
+                or s.frequency_penalty or s.presence_penalty or s.response_format:
             return self._generate_alone(gen)
         return self._generate_batched(gen)
 
@@ -280,11 +282,21 @@ class TransformersEngine(Engine):
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         if sampling.ignore_eos:
             kwargs["min_new_tokens"] = sampling.max_new_tokens
+        processors = []
         if sampling.frequency_penalty or sampling.presence_penalty:
+            processors.append(_OpenAIPenalties(len(gen.prompt_ids), sampling.frequency_penalty,
+                                               sampling.presence_penalty))
+        try:
+            if sampling.response_format:  # last: it masks what the others left
+                processors.append(self._grammars.processor(sampling.response_format))
+        except InvalidRequest as exc:
+            run.queue.put(exc)
+            run.queue.put(_DONE)
+            return
+        if processors:
             from transformers import LogitsProcessorList
 
-            kwargs["logits_processor"] = LogitsProcessorList([_OpenAIPenalties(
-                len(gen.prompt_ids), sampling.frequency_penalty, sampling.presence_penalty)])
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
         try:
             # the batch pauses (keeping its sessions) while this runs alone
             with self._lock, (self._batcher.manager.pause() if self._batcher else contextlib.nullcontext()):
@@ -328,3 +340,62 @@ class _OpenAIPenalties:
             return scores
         counts = torch.zeros_like(scores).scatter_add_(1, reply, torch.ones_like(reply, dtype=scores.dtype))
         return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+class _Grammars:
+    """response_format -> an xgrammar logits processor (the library LMDeploy's guided decoding
+    uses too): JSON, or JSON valid against a schema, whatever the model would have said.
+    Compiled grammars are cached by schema; the tokenizer's table is built on first use."""
+
+    def __init__(self, tokenizer: Any, config: Any, eos_ids: set[int]):
+        self.tokenizer, self.config, self.eos_ids = tokenizer, config, eos_ids
+        self._compiler = None
+        self._cache: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def processor(self, response_format: dict) -> Any:
+        try:
+            import xgrammar as xgr
+            import xgrammar.contrib.hf as xgr_hf
+        except ImportError:
+            raise InvalidRequest("response_format: constrained decoding needs the xgrammar package "
+                                 "(pip install xgrammar)", param="response_format") from None
+        key = json.dumps(response_format, sort_keys=True)
+        with self._lock:
+            if self._compiler is None:
+                vocab = getattr(self.config, "vocab_size", None) or len(self.tokenizer)
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab,
+                                                          stop_token_ids=sorted(self.eos_ids))
+                self._compiler = xgr.GrammarCompiler(info)
+                # Compact JSON never holds a raw control character (in a string it must be
+                # escaped); xgrammar 0.2.9 lets one through in strings with maxLength.
+                self._control = [i for i, b in enumerate(info.decoded_vocab)
+                                 if any(c < 0x20 for c in b)]
+            compiled = self._cache.get(key)
+            if compiled is None:
+                try:
+                    # json_object: any JSON object, as OpenAI and LMDeploy define it; compact
+                    # (no free whitespace), so a weak model cannot spend its tokens on blanks
+                    schema = {"type": "object"} if response_format["type"] == "json_object" \
+                        else response_format["json_schema"]["schema"]
+                    compiled = self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+                except Exception as exc:  # xgrammar's own message says what is wrong
+                    raise InvalidRequest(f"response_format: the schema cannot be used: {exc}",
+                                         param="response_format") from None
+                if len(self._cache) >= 64:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[key] = compiled
+        return _NoControlBytes(xgr_hf.LogitsProcessor(compiled), self._control)
+
+
+class _NoControlBytes:
+    """A grammar's logits processor, then tokens holding control bytes masked out."""
+
+    def __init__(self, inner: Any, banned: list[int]):
+        self.inner, self.banned = inner, banned
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        scores = self.inner(input_ids, scores)
+        if self.banned:
+            scores[:, self.banned] = float("-inf")
+        return scores

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 kind=${1:-cpu}
 stamp=.venv/.installed-$kind
-want=$(cat requirements-cpu.txt requirements-test.txt requirements-lmdeploy-nodeps.txt | sha256sum | cut -c1-16)
+want=$(cat requirements-cpu.txt requirements-cpu-nodeps.txt requirements-test.txt requirements-lmdeploy-nodeps.txt | sha256sum | cut -c1-16)
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   if [ "$kind" = test ]; then
@@ -16,5 +16,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   else
     .venv/bin/python -m pip install -q -r requirements-cpu.txt
   fi
+  .venv/bin/python -m pip install -q --no-deps -r requirements-cpu-nodeps.txt
   echo "$want" > "$stamp"
 fi

@@ -181,8 +181,10 @@ def test_penalties_are_honoured_or_refused_by_name(served, client):
 @pytest.mark.parametrize("extra,param", [
     ({"logprobs": True}, "logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}},
+     "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
@@ -200,6 +202,40 @@ def test_response_format_text_and_tool_choice_none_are_plain_replies(served):
     status, body = post_json(served, {"messages": USER, "response_format": {"type": "text"}, "tool_choice": "none",
                                       **fixed(2)})
     assert status == 200 and body["choices"][0]["message"]["content"]
+
+
+# constrained decoding: even the random tiny model's reply parses and fits the schema -------
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_gives_valid_json(client):
+    import jsonschema
+
+    for seed in range(3):
+        r = client.chat.completions.create(
+            model="tiny", messages=USER, max_tokens=200, temperature=1.0, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+
+
+def test_response_format_json_object_gives_an_object(client):
+    r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=200, temperature=0.7, seed=1,
+                                       response_format={"type": "json_object"})
+    assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_response_format_streams_the_same_json(client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}
+    full = client.chat.completions.create(model="tiny", messages=USER, max_tokens=200, temperature=0,
+                                          response_format=fmt).choices[0].message.content
+    chunks = client.chat.completions.create(model="tiny", messages=USER, max_tokens=200, temperature=0,
+                                            response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full
+    json.loads(full)
 
 
 # /v1/completions ------------------------------------------------------------------------------
