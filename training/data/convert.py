@@ -23,7 +23,7 @@ from .validate import check_sample, conversation_messages
 _FIELD = re.compile(r"{([^{}]+)}")
 
 
-def _rows_of_sheet(path: Path, sheet: str | None) -> tuple[list[str], Iterator[tuple[int, list]]]:
+def rows_of_sheet(path: Path, sheet: str | None) -> tuple[list[str], Iterator[tuple[int, list]]]:
     """(header, (row number, values)...) of an XLSX or CSV file."""
     if path.suffix.lower() in (".xlsx", ".xlsm"):
         from openpyxl import load_workbook
@@ -45,7 +45,7 @@ def _rows_of_sheet(path: Path, sheet: str | None) -> tuple[list[str], Iterator[t
 def convert_sheet(path: str | Path, question: str, answer: str, system: str = "",
                   sheet: str | None = None) -> list[dict]:
     path = Path(path)
-    header, rows = _rows_of_sheet(path, sheet)
+    header, rows = rows_of_sheet(path, sheet)
     needed = _FIELD.findall(question) + [answer]
     if not _FIELD.findall(question):
         raise DataError("question: name at least one column, e.g. '{问题}'")
