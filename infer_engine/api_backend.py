@@ -25,6 +25,7 @@ COMMON_CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|actio
 class ApiEngine(Engine):
     # passed through to the remote server, which refuses what it cannot do
     features = frozenset({"frequency_penalty", "presence_penalty", "response_format"})
+    accepts_images = True  # relayed as image_url parts; the remote model says if it cannot
 
     def __init__(self, settings: EngineSettings):
         from openai import OpenAI
@@ -54,10 +55,7 @@ class ApiEngine(Engine):
 
     # -- requests ---------------------------------------------------------------------
     def _request(self, messages: list[Message], sampling: SamplingParams) -> dict:
-        if self.settings.escape_control_tokens:
-            messages = [{"role": m["role"], "content": escape_control_tokens(m["content"],
-                                                                             COMMON_CONTROL_TOKENS)}
-                        for m in messages]
+        messages = [self._wire(m) for m in messages]
         req: dict[str, Any] = dict(model=self.model_name, messages=messages, stream=True,
                                    stream_options={"include_usage": True},
                                    max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
@@ -75,6 +73,16 @@ class ApiEngine(Engine):
             extra["ignore_eos"] = True
         req["extra_body"] = extra
         return req
+
+    def _wire(self, m: Message) -> dict:
+        """A checked message as it goes to the remote server: images back as image_url parts."""
+        content = m["content"]
+        if self.settings.escape_control_tokens:
+            content = escape_control_tokens(content, COMMON_CONTROL_TOKENS)
+        if not m.get("image_urls"):
+            return {"role": m["role"], "content": content}
+        parts = [{"type": "image_url", "image_url": {"url": u}} for u in m["image_urls"]]
+        return {"role": m["role"], "content": parts + ([{"type": "text", "text": content}] if content else [])}
 
     def _call(self, fn: Any, cancelled: threading.Event) -> Any:
         """Run fn with retries on connection errors / 5xx; map errors to EngineError."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 from .errors import InvalidRequest, SessionBusy
+from .images import MAX_IMAGES_PER_REQUEST, load_image
 from .settings import SamplingParams, check_text
 
 ROLES = ("system", "user", "assistant")
@@ -219,17 +220,47 @@ def check_messages(messages: Sequence[Message], continue_final: bool = False) ->
         if role not in ROLES:
             raise InvalidRequest(f"{where}.role must be one of {', '.join(ROLES)} or developer, got {role!r}",
                                  param=f"{where}.role")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
-                raise InvalidRequest(f"{where}.content: only text parts are supported",
-                                     param=f"{where}.content")
-            content = "".join(parts)
-        out.append({"role": role, "content": check_text(content, f"{where}.content")})
+        images, urls = _kept_images(m, where)
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, {"type": "image_url", ...}]
+            texts = []
+            for j, part in enumerate(content):
+                at = f"{where}.content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif kind == "image_url":
+                    spec = part.get("image_url")
+                    url = spec.get("url") if isinstance(spec, dict) else spec
+                    images.append(load_image(url, f"{at}.image_url"))
+                    urls.append(url)
+                else:
+                    raise InvalidRequest(f"{at}: expected a text or image_url part", param=at)
+            content = "".join(texts)
+        msg = {"role": role, "content": check_text(content, f"{where}.content")}
+        if images:
+            if role != "user":
+                raise InvalidRequest(f"{where}.content: images go in user messages", param=f"{where}.content")
+            msg["images"], msg["image_urls"] = images, urls
+        out.append(msg)
+    if sum(len(m.get("images", ())) for m in out) > MAX_IMAGES_PER_REQUEST:
+        raise InvalidRequest(f"messages: at most {MAX_IMAGES_PER_REQUEST} images in one request", param="messages")
     if continue_final and out[-1]["role"] != "assistant":
         raise InvalidRequest("continuing the final message needs an assistant message last, got "
                              f"{out[-1]['role']!r}", param=f"messages[{len(out) - 1}].role")
     return out
+
+
+def _kept_images(m: dict, where: str) -> tuple[list, list]:
+    """Images of a message checked before (check_messages runs again inside the engine)."""
+    images = m.get("images")
+    if images is None:
+        return [], []
+    from PIL import Image
+
+    if not isinstance(images, list) or not all(isinstance(im, Image.Image) for im in images):
+        raise InvalidRequest(f"{where}.images: not a message field; send images as image_url content parts",
+                             param=f"{where}.images")
+    return list(images), list(m.get("image_urls") or [""] * len(images))
 
 
 class Generation:
@@ -243,6 +274,7 @@ class Generation:
             session_id, messages, prompt_ids, sampling
         self.continue_final = continue_final  # the last message is a reply to go on with
         self.raw_prompt: str | None = None    # a plain completion: this text, no chat template
+        self.images = [im for m in messages for im in m.get("images", ())]  # in prompt order
         self.cancelled = threading.Event()
         self._callbacks: list[Callable[[], Any]] = []
         self._lock = threading.Lock()
@@ -286,6 +318,7 @@ class Engine(abc.ABC):
     # not a conversation); a request for
     # anything else is refused naming the field, never silently ignored
     features: frozenset[str] = frozenset()
+    accepts_images: bool = False  # image_url parts in user messages (a vision-language model)
 
     def __init__(self) -> None:
         self._sessions: SessionRegistry[Generation] = SessionRegistry()
@@ -313,6 +346,11 @@ class Engine(abc.ABC):
                  session_id: str, continue_final: bool = False) -> Generation:
         sampling = self.check_features((sampling or SamplingParams()).validate())
         msgs = check_messages(messages, continue_final)
+        if not self.accepts_images:
+            for i, m in enumerate(msgs):
+                if m.get("images"):
+                    raise InvalidRequest(f"messages[{i}].content: this model ({self.model_name}) takes no images, "
+                                         "only text", param=f"messages[{i}].content")
         ids = None
         if self.prompt is not None:
             msgs, ids = self.prompt.fit(msgs, self.session_len, sampling.max_new_tokens, continue_final)

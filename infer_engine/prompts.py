@@ -121,6 +121,7 @@ class ChatPrompt:
         else:
             raise InvalidRequest(f"chat_template must be 'auto' or one of {', '.join(NAMED_TEMPLATES)}, "
                                  f"got {template!r}", param="chat_template")
+        self.image_tokens = ""  # a vision-language backend sets its image placeholder run here
         self.stop_words = self._stop_words()
         self.stop_token_ids = self._single_token_ids(self.stop_words)
 
@@ -145,16 +146,16 @@ class ChatPrompt:
     def _named_segments(self, messages: Sequence[dict]) -> list[Segment]:
         t, segs = self.named, []
 
-        def add(fmt: str, key: str, content: str) -> None:
+        def add(fmt: str, key: str, content: str, prefix: str = "") -> None:
             before, after = fmt.split("{" + key + "}")
-            segs.extend([Segment(before, True), Segment(content, False), Segment(after, True)])
+            segs.extend([Segment(before, True), Segment(prefix, True), Segment(content, False), Segment(after, True)])
 
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         if system:
             add(t.system, "system", system)
         for m in messages:
             if m["role"] == "user":
-                add(t.instruction, "input", m["content"])
+                add(t.instruction, "input", m["content"], self._image_prefix(m))
             elif m["role"] == "assistant":
                 segs += [Segment(m["content"], False), Segment(t.suffix + t.sep, True)]
         if messages[-1]["role"] != "user":  # system only, or after a reply: a new reply's start
@@ -177,10 +178,17 @@ class ChatPrompt:
         segs, pos = [], 0
         for match in self._PLACEHOLDER.finditer(rendered):
             segs.append(Segment(rendered[pos:match.start()], True))
+            segs.append(Segment(self._image_prefix(messages[int(match.group(1))]), True))
             segs.append(Segment(messages[int(match.group(1))]["content"], False))
             pos = match.end()
         segs.append(Segment(rendered[pos:], True))
         return [s for s in segs if s.text]
+
+    def _image_prefix(self, message: dict) -> str:
+        """A user message's images as the model's image tokens (trusted text: typed "<image>"
+        in content stays text), one run per image, each on its own line, before the text."""
+        n = len(message.get("images", ()))
+        return (self.image_tokens + "\n") * n if n and self.image_tokens else ""
 
     def encode(self, messages: Sequence[dict], continue_final: bool = False) -> list[int]:
         """Token ids with content encoded as plain text (special-token parsing off)."""

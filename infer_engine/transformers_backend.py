@@ -176,20 +176,36 @@ class TransformersEngine(Engine):
         if dtype is None:  # auto: bf16 where the GPU has it, fp32 on CPU
             dtype = torch.bfloat16 if self.device.startswith("cuda") and torch.cuda.is_bf16_supported() \
                 else torch.float32
-        self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
-        model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=dtype)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(settings.model_path)
+        self.processor = None
+        if getattr(config, "vision_config", None) is not None:  # LLaVA and kin: images too
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            self.processor = AutoProcessor.from_pretrained(settings.model_path)
+            self.tokenizer = self.processor.tokenizer
+            model = AutoModelForImageTextToText.from_pretrained(settings.model_path, dtype=dtype)
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
+            model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=dtype)
         if settings.adapter_path:
             from peft import PeftModel
             model = PeftModel.from_pretrained(model, settings.adapter_path)
         self.model = model.to(self.device).eval()
         self.prompt = ChatPrompt(self.tokenizer, settings.chat_template,
                                  getattr(self.model.config, "model_type", ""))
+        if self.processor is not None:
+            self.accepts_images = True
+            self.prompt.image_tokens = self.processor.image_token * _image_seq_length(config)
         gen_eos = self.model.generation_config.eos_token_id
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.eos_ids = set(gen_eos) | set(self.prompt.stop_token_ids)
         self._torch = torch
         self._lock = threading.Lock()       # one generate() at a time
         batch = settings.transformers.max_batch_size or (64 if self.device.startswith("cuda") else 8)
+        if self.processor is not None:  # continuous batching takes token ids only, no images
+            batch = 1
         self.max_concurrency = batch
         self._batcher = None
         if batch > 1:
@@ -305,6 +321,9 @@ class TransformersEngine(Engine):
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
                 input_ids = torch.tensor([gen.prompt_ids], device=self.device)
+                if gen.images:
+                    pixels = self.processor.image_processor(gen.images, return_tensors="pt")["pixel_values"]
+                    kwargs["pixel_values"] = pixels.to(self.device, dtype=self.model.dtype)
                 with torch.inference_mode():
                     self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                         streamer=_Streamer(run),
@@ -322,6 +341,17 @@ class TransformersEngine(Engine):
         self.model = None
         if self._torch.cuda.is_available():
             self._torch.cuda.empty_cache()
+
+
+def _image_seq_length(config: Any) -> int:
+    """Image tokens per image: LLaVA's own figure, else patches per side squared (+ CLS when
+    the features keep it)."""
+    n = getattr(config, "image_seq_length", None)
+    if n:
+        return int(n)
+    v = config.vision_config
+    n = (v.image_size // v.patch_size) ** 2
+    return n + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
 
 
 class _OpenAIPenalties:
@@ -363,7 +393,8 @@ class _Grammars:
         key = json.dumps(response_format, sort_keys=True)
         with self._lock:
             if self._compiler is None:
-                vocab = getattr(self.config, "vocab_size", None) or len(self.tokenizer)
+                text_config = getattr(self.config, "text_config", None) or self.config
+                vocab = getattr(text_config, "vocab_size", None) or len(self.tokenizer)
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=vocab,
                                                           stop_token_ids=sorted(self.eos_ids))
                 self._compiler = xgr.GrammarCompiler(info)

@@ -158,6 +158,56 @@ def _make_tokenizer_config_portable(folder: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
+IMAGE_TOKEN = "<image>"
+
+
+def build_llava(out: str | Path, llm: str | Path, image_size: int = 64, patch: int = 8, hidden: int = 64,
+                layers: int = 2, seed: int = 0) -> Path:
+    """A tiny LLaVA in the Hugging Face layout (LlavaForConditionalGeneration + LlavaProcessor,
+    what transformers and LMDeploy's VLM pipeline read): a small random CLIP vision tower, a
+    random two-layer projector and the chat model at `llm` as the language model, with
+    <image> added to its tokenizer."""
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig,
+                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    text = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
+    text.resize_token_embeddings(len(tokenizer))
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=patch,
+                              projection_dim=hidden)
+    config = LlavaConfig(vision_config=vision, text_config=text.config,
+                         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                         vision_feature_layer=-2, vision_feature_select_strategy="default",
+                         image_seq_length=(image_size // patch) ** 2)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.lm_head.load_state_dict(text.lm_head.state_dict())
+    model.generation_config = text.generation_config
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                           crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
+        image_token=IMAGE_TOKEN, num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        _make_tokenizer_config_portable(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="models/tiny-chat")
@@ -166,7 +216,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a real model size")
     p.add_argument("--device", default="cpu", help="where to initialise (cuda is much faster for --shape)")
+    p.add_argument("--llava", metavar="CHAT_MODEL", help="build a tiny LLaVA around this chat model instead")
     a = p.parse_args()
+    if a.llava:
+        print(build_llava(a.out, a.llava, hidden=a.hidden, layers=a.layers, seed=a.seed))
+        return
     print(build(a.out, hidden=a.hidden, layers=a.layers, seed=a.seed, shape=a.shape, device=a.device))
 
 

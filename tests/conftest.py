@@ -26,3 +26,9 @@ def load_script(name: str):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return load_script("build_tiny_model").build(tmp_path_factory.mktemp("models") / "tiny-chat")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory, tiny_model) -> Path:
+    """A tiny LLaVA (llava-hf layout) around the tiny chat model: random vision tower."""
+    return load_script("build_tiny_model").build_llava(tmp_path_factory.mktemp("models") / "tiny-llava", tiny_model)
