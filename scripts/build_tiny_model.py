@@ -161,15 +161,53 @@ def _make_tokenizer_config_portable(folder: Path) -> None:
 IMAGE_TOKEN = "<image>"
 
 
+def build_clip(out: str | Path, image_size: int = 64, patch: int = 8, hidden: int = 64, layers: int = 2,
+               seed: int = 0) -> Path:
+    """A small random CLIP vision tower with its image processor (a CLIP ViT-L/14-336 folder's
+    layout, at 64x64 pixels): the visual encoder of the offline LLaVA demo."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
+                              num_attention_heads=4, image_size=image_size, patch_size=patch, projection_dim=hidden)
+    out = Path(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    try:
+        CLIPVisionModel(config).save_pretrained(tmp, safe_serialization=True)
+        _legacy_clip_keys(tmp / "model.safetensors")
+        CLIPImageProcessor(size={"shortest_edge": image_size},
+                           crop_size={"height": image_size, "width": image_size}).save_pretrained(tmp)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.move(str(tmp), out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _legacy_clip_keys(path: Path) -> None:
+    """transformers 5 saves CLIPVisionModel's weights without their `vision_model.` prefix,
+    which 4.x (XTuner's environment) then does not find and silently initialises anew; the
+    prefixed names load in both."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    save_file({(k if k.startswith("vision_model.") else f"vision_model.{k}"): v for k, v in state.items()},
+              str(path), metadata={"format": "pt"})
+
+
 def build_llava(out: str | Path, llm: str | Path, image_size: int = 64, patch: int = 8, hidden: int = 64,
-                layers: int = 2, seed: int = 0) -> Path:
+                layers: int = 2, seed: int = 0, vision: str | Path | None = None) -> Path:
     """A tiny LLaVA in the Hugging Face layout (LlavaForConditionalGeneration + LlavaProcessor,
     what transformers and LMDeploy's VLM pipeline read): a small random CLIP vision tower, a
     random two-layer projector and the chat model at `llm` as the language model, with
     <image> added to its tokenizer."""
     import torch
     from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig,
-                              LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
+                              CLIPVisionModel, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor)
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -177,16 +215,21 @@ def build_llava(out: str | Path, llm: str | Path, image_size: int = 64, patch: i
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     text = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
     text.resize_token_embeddings(len(tokenizer))
-    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-                              num_attention_heads=4, image_size=image_size, patch_size=patch,
-                              projection_dim=hidden)
-    config = LlavaConfig(vision_config=vision, text_config=text.config,
+    if vision:  # an existing tower (the demo's "before": its vision tower, an untrained projector)
+        tower = CLIPVisionModel.from_pretrained(vision)
+        image_size, patch = tower.config.image_size, tower.config.patch_size
+    vision_config = tower.config if vision else CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers, num_attention_heads=4,
+        image_size=image_size, patch_size=patch, projection_dim=hidden)
+    config = LlavaConfig(vision_config=vision_config, text_config=text.config,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                          vision_feature_layer=-2, vision_feature_select_strategy="default",
                          image_seq_length=(image_size // patch) ** 2)
     model = LlavaForConditionalGeneration(config).eval()
     model.model.language_model.load_state_dict(text.model.state_dict())
     model.lm_head.load_state_dict(text.lm_head.state_dict())
+    if vision:
+        model.model.vision_tower.load_state_dict(tower.state_dict())
     model.generation_config = text.generation_config
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
@@ -217,9 +260,14 @@ def main() -> None:
     p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a real model size")
     p.add_argument("--device", default="cpu", help="where to initialise (cuda is much faster for --shape)")
     p.add_argument("--llava", metavar="CHAT_MODEL", help="build a tiny LLaVA around this chat model instead")
+    p.add_argument("--vision", help="with --llava: this CLIP vision tower (default: a new random one)")
+    p.add_argument("--clip", action="store_true", help="build only a tiny CLIP vision tower")
     a = p.parse_args()
+    if a.clip:
+        print(build_clip(a.out, seed=a.seed))
+        return
     if a.llava:
-        print(build_llava(a.out, a.llava, hidden=a.hidden, layers=a.layers, seed=a.seed))
+        print(build_llava(a.out, a.llava, hidden=a.hidden, layers=a.layers, seed=a.seed, vision=a.vision))
         return
     print(build(a.out, hidden=a.hidden, layers=a.layers, seed=a.seed, shape=a.shape, device=a.device))
 

@@ -1,0 +1,36 @@
+"""The tutorial's LLaVA configs rendered from one settings file (GPU profile: QLoRA kept),
+loaded back by mmengine as XTuner will."""
+from __future__ import annotations
+
+import pytest
+
+from training.config import load_config
+from training.data.io import DataError
+from training.llava import LlavaSettings, load_settings, write_config
+
+
+def settings(tmp_path, **kw):
+    return LlavaSettings(llm_path="/root/models/internlm2-chat-1_8b", visual_encoder_path="/root/models/clip-vit-large-patch14-336",
+                         data_path=str(tmp_path / "repeated_data.json"), image_folder=str(tmp_path / "images"),
+                         evaluation_inputs=["Please describe this picture", "请描述一下这张照片"], **kw).validate()
+
+
+def test_both_stages_render_and_load_for_the_gpu(tmp_path):
+    s = settings(tmp_path, batch_size=1, finetune_steps=300)
+    pre = load_config(write_config(s, "pretrain", tmp_path / "pre.py"))
+    assert pre.llm_name_or_path == s.llm_path and pre.visual_encoder_name_or_path == s.visual_encoder_path
+    assert pre.model.freeze_llm is True and pre.data_path == s.data_path
+    ft = load_config(write_config(s, "finetune", tmp_path / "ft.py", tmp_path / "pre/iter_2181.pth"))
+    assert ft.pretrained_pth.endswith("pre/iter_2181.pth") and ft.batch_size == 1
+    assert "quantization_config" in ft.model.llm and "visual_encoder_lora" not in ft.model  # QLoRA on the LLM only
+    assert ft.evaluation_inputs == ["Please describe this picture", "请描述一下这张照片"]
+    assert ft.train_cfg.max_iters == 300
+
+
+def test_bad_settings_are_one_line_errors(tmp_path):
+    with pytest.raises(DataError, match="llm_path: required"):
+        LlavaSettings(visual_encoder_path="v", data_path="d", image_folder="i").validate()
+    with pytest.raises(DataError, match="QLoRA needs CUDA"):
+        settings(tmp_path, profile="cpu")
+    with pytest.raises(DataError, match="unknown setting 'llm'"):
+        load_settings(None, ["llm=x"])
