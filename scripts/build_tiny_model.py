@@ -129,11 +129,16 @@ def build(out: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id],
         pad_token_id=tokenizer.pad_token_id)
+    return _save(out, model, tokenizer)
+
+
+def _save(out: Path, model, tokenizer_or_processor) -> Path:
+    """Write the model folder atomically (a temp folder renamed into place)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        tokenizer_or_processor.save_pretrained(tmp)
         _make_tokenizer_config_portable(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -236,19 +241,7 @@ def build_llava(out: str | Path, llm: str | Path, image_size: int = 64, patch: i
                                            crop_size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer, patch_size=patch, vision_feature_select_strategy="default",
         image_token=IMAGE_TOKEN, num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        _make_tokenizer_config_portable(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return _save(out, model, processor)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from .config import _Source, builtin_config, load_config
 from .data.io import DataError, atomic_dir, atomic_path, run_cli
 from .data.llava import load as load_llava_data
 from .run import StepFailed, _tool, checkpoints, run_step
-from .settings import _coerce
+from .settings import load_settings as _load_settings
 
 IMAGE_TOKEN = "<image>"
 
@@ -75,27 +75,7 @@ class LlavaSettings:
 
 
 def load_settings(path: str | None, overrides: list[str]) -> LlavaSettings:
-    import typing
-
-    import yaml
-
-    data = {}
-    if path:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise DataError(f"{path}: expected a mapping of settings")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise DataError(f"--set {item!r}: expected KEY=VALUE")
-        data[key.strip()] = yaml.safe_load(value) if value.strip().startswith("[") else value
-    hints = typing.get_type_hints(LlavaSettings)
-    s = LlavaSettings()
-    for key, value in data.items():
-        if key not in hints:
-            raise DataError(f"unknown setting {key!r} (known: {', '.join(hints)})")
-        setattr(s, key, _coerce(key, value, hints[key]))
-    return s.validate()
+    return _load_settings(path, overrides, LlavaSettings)
 
 
 def render(s: LlavaSettings, stage: str, pretrained_pth: str = "") -> str:

@@ -108,8 +108,10 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         raise DataError(f"{name}: expected {tp.__name__}, got {value!r}") from None
 
 
-def load_settings(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainSettings:
-    """YAML file (optional), then `key=value` overrides; unknown keys are errors."""
+def load_settings(path: str | Path | None = None, overrides: list[str] | None = None,
+                  cls: type = TrainSettings) -> Any:
+    """YAML file (optional), then `key=value` overrides, into `cls` (TrainSettings, or the
+    LLaVA pipeline's settings); unknown keys are errors."""
     import yaml
 
     values: dict[str, Any] = {}
@@ -128,9 +130,9 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | None = 
         if not sep:
             raise DataError(f"--set {item!r}: expected key=value")
         values[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-    hints = typing.get_type_hints(TrainSettings)
-    known = {f.name for f in dataclasses.fields(TrainSettings)}
-    settings = TrainSettings()
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    settings = cls()
     for key, value in values.items():
         if key not in known:
             raise DataError(f"{path or '--set'}: unknown setting {key!r}")
