@@ -48,6 +48,14 @@ def load_image(url: Any, where: str) -> Any:
             if im.width * im.height > MAX_IMAGE_PIXELS:
                 raise InvalidRequest(f"{where}: {im.width}x{im.height} pixels is more than "
                                      f"{MAX_IMAGE_PIXELS:,}", param=where)
+            im.verify()  # structure and checksums (a cut PNG fails here)
+        # Decoding does not say when the data ran out if anything in the process set PIL's
+        # global ImageFile.LOAD_TRUNCATED_IMAGES (importing LMDeploy's vision code does), so a
+        # JPEG must also have its end-of-image marker after its last scan (not only the EXIF
+        # thumbnail's; data appended after the image, as in motion photos, is allowed).
+        if raw[:2] == b"\xff\xd8" and raw.find(b"\xff\xd9", max(raw.rfind(b"\xff\xda"), 2)) < 0:
+            raise OSError("the JPEG data is cut short")
+        with Image.open(io.BytesIO(raw)) as im:
             im.load()
             return im.convert("RGB")
     except InvalidRequest:

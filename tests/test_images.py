@@ -26,6 +26,12 @@ def png(color=(220, 20, 20), size=(48, 40), mode="RGB") -> bytes:
     return buf.getvalue()
 
 
+def jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.effect_noise((96, 96), 60).convert("RGB").save(buf, "JPEG")
+    return buf.getvalue()
+
+
 def data_url(raw: bytes, kind: str = "image/png") -> str:
     return f"data:{kind};base64,{base64.b64encode(raw).decode()}"
 
@@ -115,6 +121,7 @@ def bomb() -> bytes:
 @pytest.mark.parametrize("url,expect", [
     (data_url(b"this is not an image"), "not a readable image"),
     (data_url(png()[: len(png()) // 2]), "not a readable image"),
+    (data_url(jpeg()[:-200]), "not a readable image"),
     (None, "decompression bomb"),  # filled in below: 20000x20000
     ("data:image/png;base64,@@@not-base64@@@", "not valid base64"),
     ("file:///etc/passwd", "expected a data:image"),
@@ -126,6 +133,17 @@ def test_bad_images_get_a_400_naming_the_part(llava, url, expect):
     assert status == 400 and expect in body["error"]["message"], body
     assert body["error"]["param"] == "messages[0].content[0].image_url"
     assert llava[0].running_sessions() == []
+
+
+def test_cut_images_are_refused_even_when_pil_is_told_to_accept_them(llava, monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # what importing LMDeploy's vl does
+    for raw in (png()[: len(png()) // 2], jpeg()[:-200]):
+        status, body = post(llava[1], {"messages": turn(data_url(raw)), "max_tokens": 2})
+        assert status == 400 and "not a readable image" in body["error"]["message"], body
+    status, _ = post(llava[1], {"messages": turn(data_url(jpeg())), "max_tokens": 2})
+    assert status == 200
 
 
 def test_a_remote_url_is_never_fetched(llava):
