@@ -187,7 +187,7 @@ def test_retry_while_a_reply_streams_answers_again(page, app):
     send(page, "retry me")
     streaming(page)
     page.locator("#retry").click()
-    page.wait_for_function("() => document.querySelector('#stats').innerText.trim() === '…'")
+    page.wait_for_function("() => document.querySelector('#stats')?.innerText.trim() === '…'")
     settled(page, app)
     assert eventually(lambda: (users(page), bots(page)), (["retry me"], [full_reply("retry me")])) == \
         (["retry me"], [full_reply("retry me")])
@@ -252,7 +252,7 @@ def open_side_panel(page):
     if not page.locator(".sidebar.open").count():
         page.get_by_label("Toggle Sidebar").click()
     page.locator(".sidebar.open").wait_for()
-    page.wait_for_function("() => document.querySelector('#chat_list').getBoundingClientRect().left >= 0")
+    page.wait_for_function("() => document.querySelector('#chat_list')?.getBoundingClientRect().left >= 0")
 
 
 def test_chats_survive_a_reload_and_a_server_restart(page, app):
