@@ -18,6 +18,7 @@ from infer_engine import create_engine
 from infer_engine.server import BackgroundServer, create_app
 
 TRAIN_PY = ROOT / ".venv-train" / "bin" / "python"
+pytestmark = pytest.mark.slow
 
 
 def train_env(*args, cwd=ROOT):
