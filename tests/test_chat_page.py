@@ -81,8 +81,22 @@ def browser():
 
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        b.new_page, b.new_context = _patient(b.new_page), _patient(b.new_context)
         yield b
         b.close()
+
+
+# Every wait ends at the state it waits for; this only bounds how long a loaded 2-core CI
+# machine may take to get there (a fresh-clone run saw a reload take over Playwright's 30 s).
+WAIT_MS = 120_000
+
+
+def _patient(make):
+    def made(*args, **kwargs):
+        obj = make(*args, **kwargs)
+        obj.set_default_timeout(WAIT_MS)
+        return obj
+    return made
 
 
 @pytest.fixture
@@ -136,7 +150,7 @@ def settled(page, app):
     page.locator("#send").wait_for(state="visible")
 
 
-def eventually(read, expected, timeout: float = 5.0):
+def eventually(read, expected, timeout: float = 30.0):
     """What `read()` gives, once it equals `expected` (the page applies what it was sent in its
     own time); else the last reading, for the assertion to show."""
     deadline = time.time() + timeout
