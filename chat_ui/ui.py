@@ -513,14 +513,22 @@ class ChatUI:
         stats = "Stopped." if was_running else gr.skip()
         return (display(chat.messages) if chat else gr.skip(), stats, *IDLE_BUTTONS)
 
+    async def _regenerating(self, ptr: dict, system: str, sliders: tuple, text: Any = None) -> tuple:
+        """What Retry, Edit and Continue start with: their settings (and Edit's new text)
+        checked, the chat's reply (if one streams) stopped and let go, and the chat as the store
+        has it then."""
+        sampling = self._sampling(*sliders)
+        system = self._check_input(system, "system prompt")
+        if text is not None:
+            text = self._check_input(text)
+        ptr, _ = self._session(ptr)
+        await self._interrupt(self.engine, self._chat_sid(ptr))
+        return ptr, self.store.get(ptr["browser"], ptr["chat"]), system, sampling, text
+
     @_refusing(lambda exc: (gr.skip(), gr.skip(), refusal(exc), None, gr.skip(), gr.skip()))
     async def retry(self, ptr: dict, system: str, *sliders: float) -> tuple:
         """Retry (also the chat window's ↻): a new reply to the last question."""
-        sampling = self._sampling(*sliders)
-        system = self._check_input(system, "system prompt")
-        ptr, _ = self._session(ptr)
-        await self._interrupt(self.engine, self._chat_sid(ptr))
-        chat = self.store.get(ptr["browser"], ptr["chat"])
+        ptr, chat, system, sampling, _ = await self._regenerating(ptr, system, sliders)
         if not without_last_reply(chat.messages):
             return (*(gr.skip(),) * 4, *IDLE_BUTTONS)
         claim, chat = self._begin(ptr, chat, without_last_reply, system, sampling)
@@ -530,12 +538,8 @@ class ChatUI:
     async def edit(self, ptr: dict, system: str, max_new_tokens: float, temperature: float, top_p: float,
                    top_k: float, repetition_penalty: float, evt: gr.EditData) -> tuple:
         """The chat window's ✎ on a question: change it, drop what came after, answer anew."""
-        sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        system = self._check_input(system, "system prompt")
-        text = self._check_input(_text(evt.value))
-        ptr, _ = self._session(ptr)
-        await self._interrupt(self.engine, self._chat_sid(ptr))
-        chat = self.store.get(ptr["browser"], ptr["chat"])
+        ptr, chat, system, sampling, text = await self._regenerating(
+            ptr, system, (max_new_tokens, temperature, top_p, top_k, repetition_penalty), _text(evt.value))
         index = evt.index if isinstance(evt.index, int) else evt.index[0]
         if not text or not 0 <= index < len(chat.messages) or chat.messages[index]["role"] != "user":
             return (gr.skip(), display(chat.messages), gr.skip(), None, *IDLE_BUTTONS)
@@ -546,11 +550,7 @@ class ChatUI:
     @_refusing(lambda exc: (gr.skip(), gr.skip(), refusal(exc), None, gr.skip(), gr.skip()))
     async def continue_reply(self, ptr: dict, system: str, *sliders: float) -> tuple:
         """Continue: the model goes on with its last reply (after Stop or a cut at max tokens)."""
-        sampling = self._sampling(*sliders)
-        system = self._check_input(system, "system prompt")
-        ptr, _ = self._session(ptr)
-        await self._interrupt(self.engine, self._chat_sid(ptr))
-        chat = self.store.get(ptr["browser"], ptr["chat"])
+        ptr, chat, system, sampling, _ = await self._regenerating(ptr, system, sliders)
         last = chat.messages[-1] if chat.messages else None
         if not last or last["role"] != "assistant" or last.get("error") or not last["content"]:
             raise gr.Error("There is no reply to continue: send a message first.")

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
-from .errors import InvalidRequest, SessionBusy
+from .errors import ContextOverflow, InvalidRequest, SessionBusy
 from .images import MAX_IMAGES_PER_REQUEST, load_image
 from .settings import SamplingParams, check_text
 
@@ -381,7 +381,6 @@ class Engine(abc.ABC):
         if self.prompt is not None:
             ids = self.prompt.encode_plain(prompt)
             if len(ids) + sampling.max_new_tokens > self.session_len:
-                from .errors import ContextOverflow
                 raise ContextOverflow(f"the prompt is {len(ids)} tokens; with max_tokens {sampling.max_new_tokens} "
                                       f"that is more than the context of {self.session_len} tokens", param="prompt")
         gen = Generation(session_id, [], ids, sampling)

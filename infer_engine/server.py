@@ -101,6 +101,11 @@ class _Call:
     firsts: list[list[Delta]] = field(default_factory=list)
     sessions: list[str] = field(default_factory=list)
 
+    def cancel(self, engine: Engine) -> None:
+        """Stop every generation of this request (a client gone, one choice failed)."""
+        for sid in self.sessions:
+            engine.cancel(sid)
+
 
 def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int = int(ServerSettings.max_body_mb * 2**20)) -> FastAPI:
@@ -170,12 +175,10 @@ def create_app(engine: Engine, api_key: str | None = None, model_name: str | Non
                 # validation, context fit and the generation run on the stream's own thread
                 call.streams.append(ThreadedStream(lambda s=sampling, sid=sid: open_stream(req, s, sid)))
                 call.sessions.append(sid)
-            cancel_all = lambda: [engine.cancel(s) for s in call.sessions]  # noqa: E731
             for stream in call.streams:
-                call.firsts.append(await _watching(request, cancel_all, stream.take()))
+                call.firsts.append(await _watching(request, lambda: call.cancel(engine), stream.take()))
         except EngineError as exc:
-            for sid in call.sessions:
-                engine.cancel(sid)
+            call.cancel(engine)
             return error(req.in_request_terms(exc) if req is not None else exc, session_id, call.path)
         cid, created = f"{call.prefix}-{session_id}", int(time.time())
         if req.stream:
@@ -224,12 +227,11 @@ async def _collect(stream: ThreadedStream, first: list[Delta]) -> tuple[str, Usa
 
 
 async def _complete(engine: Engine, call: _Call, cid: str, created: int, name: str, request: Request) -> Any:
-    cancel_all = lambda: [engine.cancel(s) for s in call.sessions]  # noqa: E731
     try:
-        done = await _watching(request, cancel_all, asyncio.gather(
+        done = await _watching(request, lambda: call.cancel(engine), asyncio.gather(
             *(_collect(s, f) for s, f in zip(call.streams, call.firsts))))
     except EngineError as exc:
-        cancel_all()
+        call.cancel(engine)
         _log_done(call.path, call.sessions[0], exc.status, None, False, f"error={exc.message!r}")
         return JSONResponse(error_body(exc), status_code=exc.status)
     usages = [u for _, u in done]
@@ -285,8 +287,7 @@ async def _sse(engine: Engine, call: _Call, cid: str, created: int, name: str,
             i, items, usage = await queue.get()
             if isinstance(items, EngineError):  # a generation failed mid-stream: say so, end it
                 failed, left = items, left - 1
-                for sid in call.sessions:
-                    engine.cancel(sid)
+                call.cancel(engine)
                 continue
             if items is None:
                 usages[i], left = usage, left - 1
@@ -310,8 +311,7 @@ async def _sse(engine: Engine, call: _Call, cid: str, created: int, name: str,
         for task in tasks:
             task.cancel()
         if not finished:  # the client went away: the streams' threads then drain them
-            for sid in call.sessions:
-                engine.cancel(sid)
+            call.cancel(engine)
             _log_done(call.path, call.sessions[0], 200, usages[0], True, "client disconnected")
 
 
