@@ -1,14 +1,17 @@
 """A conversation as the store keeps it, as the page shows it, and as engines take it.
 
 Stored messages are `{"role": "user"|"assistant", "content": str}` (the training tools'
-format), with `"error": True` on a notice that explains why a message got no answer (shown in
-the page, never sent to a model) and `"feedback": "like"|"dislike"` on rated replies.
+format), with `"images": [data URL, ...]` on a question that came with images,
+`"error": True` on a notice that explains why a message got no answer (shown in the page, never
+sent to a model) and `"feedback": "like"|"dislike"` on rated replies.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from infer_engine import Usage
+
+from .images import shown_file
 
 ERROR_MARK = "⚠️ "
 
@@ -28,11 +31,18 @@ def error_message(text: str) -> dict:
     return {"role": "assistant", "content": text, "error": True}
 
 
-def display(messages: list[dict]) -> list[dict]:
+def display(messages: list[dict], images: bool = True) -> list[dict]:
     """The chat window's value: one entry per stored message (so the chat window's indexes,
-    in its edit / retry / like events, are the store's), notices shown in full."""
-    return [{"role": m["role"], "content": (ERROR_MARK + m["content"]) if m.get("error") else m["content"]}
-            for m in messages]
+    in its edit / retry / like events, are the store's), notices shown in full, a question's
+    images above its text (with images=False, as API clients get it: the text alone)."""
+    out = []
+    for m in messages:
+        content = (ERROR_MARK + m["content"]) if m.get("error") else m["content"]
+        if images and m.get("images"):
+            content = [{"path": shown_file(u), "mime_type": "image/jpeg"} for u in m["images"]] + \
+                ([content] if content else [])
+        out.append({"role": m["role"], "content": content})
+    return out
 
 
 def feedback_of(messages: list[dict]) -> list[str | None]:
@@ -42,11 +52,19 @@ def feedback_of(messages: list[dict]) -> list[str | None]:
 
 
 def to_engine_messages(messages: list[dict], system_prompt: str) -> list[dict]:
-    """System prompt + turns; error notices are shown to the user but are not model turns."""
+    """System prompt + turns; error notices are shown to the user but are not model turns, nor
+    is a question that got only a notice (a model that refused it, a reply that failed at once)."""
     msgs = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
-    for m in messages:
-        if m.get("role") in ("user", "assistant") and not m.get("error"):
-            msgs.append({"role": m["role"], "content": text_of(m.get("content"))})
+    for i, m in enumerate(messages):
+        unanswered = m.get("role") == "user" and i + 1 < len(messages) and messages[i + 1].get("error")
+        if m.get("role") in ("user", "assistant") and not m.get("error") and not unanswered:
+            text = text_of(m.get("content"))
+            if m.get("images"):  # OpenAI content parts, as every backend takes them
+                msgs.append({"role": m["role"], "content": [
+                    *({"type": "image_url", "image_url": {"url": u}} for u in m["images"]),
+                    {"type": "text", "text": text}]})
+            else:
+                msgs.append({"role": m["role"], "content": text})
     return msgs
 
 

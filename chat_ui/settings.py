@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from infer_engine.errors import InvalidRequest
+from infer_engine.images import MAX_IMAGE_BYTES
 from infer_engine.settings import (EngineSettings, SamplingParams, add_dataclass_arguments,
                                    add_engine_arguments, dataclass_from_args, settings_from_args)
 
@@ -52,11 +53,16 @@ class AppSettings:
     history_days: float = field(default=30.0, metadata=_help("forget chats not used for this many days (0: never)"))
     history_max_mb: float = field(default=10.0, metadata=_help(
         "kept conversations per browser, in MB; beyond it the oldest chats go"))
+    max_image_mb: float = field(default=10.0, metadata=_help(
+        "largest image a visitor may add to a message, in MB (image models only; kept scaled to 1024 px)"))
 
     def validate(self) -> "AppSettings":
         for name in ("port", "queue_size", "max_input_chars", "max_new_tokens", "max_updates_per_s"):
             if getattr(self, name) < 1:
                 raise InvalidRequest(f"{name} must be >= 1, got {getattr(self, name)}", param=name)
+        if not 0 < self.max_image_mb <= MAX_IMAGE_BYTES / 2**20:  # what an engine takes
+            raise InvalidRequest(f"max_image_mb must be in (0, {MAX_IMAGE_BYTES / 2**20:g}], got {self.max_image_mb}",
+                                 param="max_image_mb")
         if self.history_max_mb <= 0 or self.history_days < 0:
             raise InvalidRequest("history_max_mb must be > 0 and history_days >= 0", param="history_max_mb")
         if self.concurrency < 0:

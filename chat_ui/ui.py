@@ -39,12 +39,13 @@ from infer_engine.settings import check_text
 
 from .history import (display, error_message, feedback_of, stats_line, to_engine_messages,
                       without_last_reply)
+from .images import MAX_IMAGES_PER_MESSAGE, from_upload, uploaded_paths
 from .settings import AppSettings
 from .store import (Chat, MemoryStore, SQLiteStore, Store, chat_from_json, export_json, markdown,
                     new_browser_id, new_chat, valid_browser_id)
 
 UPDATE_INTERVAL_S = 0.05  # the shortest gap between two updates of a streaming reply
-MAX_BODY_BYTES = 1024 * 1024  # the app takes no uploads: no request needs more
+MAX_BODY_BYTES = 1024 * 1024  # the most any request but an image upload needs
 BUSY = "A reply is still being written in this chat: wait for it to finish, or press Stop."
 WELCOME = ("### Welcome\nAsk anything below, or start with an example. Your chats are kept for this browser "
            "in the side panel (the arrow at the top left): switch, rename, export or delete them there.")
@@ -179,6 +180,8 @@ class ChatUI:
         self.label = label or settings.model_label or _name_of(engine)
         self.compare_label = compare_label or settings.compare_label or (
             _name_of(compare) if compare else "")
+        # a vision-language model on either side: the inputs take images, the app takes uploads
+        self.images = engine.accepts_images or bool(compare is not None and compare.accepts_images)
         self._turns = _Turns()
         self._live: dict[str, list[dict]] = {}  # chat -> its messages as last shown, while streaming
         self.store.expire()
@@ -217,6 +220,27 @@ class ChatUI:
             raise gr.Error(f"Your {what} holds characters that are not valid text (a lone UTF-16 "
                            "surrogate); please retype it.") from None
         return text
+
+    def _message_in(self, value: Any) -> tuple[str, list[str]]:
+        """A message as the input box (or an API client) gives it, text or {"text", "files"}:
+        its text, checked, and its images as the chat keeps them (gr.Error if one is refused)."""
+        files = None
+        if isinstance(value, dict):
+            value, files = value.get("text"), value.get("files")
+        if value is not None and not isinstance(value, str):
+            raise gr.Error("Your message must be text.")
+        text = self._check_input(value)
+        if not files:
+            return text, []
+        if not self.images:
+            raise gr.Error(f"This model ({self.label}) takes no images, only text.")
+        if not isinstance(files, list) or len(files) > MAX_IMAGES_PER_MESSAGE:
+            raise gr.Error(f"At most {MAX_IMAGES_PER_MESSAGE} images in one message.")
+        try:
+            return text, [from_upload(p, p.name, int(self.settings.max_image_mb * 2**20))
+                          for p in uploaded_paths(files)]
+        except InvalidRequest as exc:
+            raise gr.Error(f"That image cannot be used. {exc.message}.") from None
 
     @staticmethod
     def _sampling(max_new_tokens: float, temperature: float, top_p: float, top_k: float,
@@ -442,13 +466,12 @@ class ChatUI:
         the box, turn Send into Stop. The reply streams in the event that follows (`reply`)."""
         ptr, chat = self._session(ptr)
         try:
-            message = self._check_input(message)
+            message, images = self._message_in(message)
             system = self._check_input(system, "system prompt")
             sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-            if not message:
+            if not message and not images:
                 return (gr.skip(),) * 8
-            claim, chat = self._begin(ptr, chat, lambda ms: ms + [{"role": "user", "content": message}],
-                                      system, sampling)
+            claim, chat = self._begin(ptr, chat, lambda ms: ms + [_question(message, images)], system, sampling)
         except gr.Error as exc:  # the message stays in the box; the page says why, in the chat too
             shown = gr.skip() if exc.message == BUSY else \
                 display(chat.messages + [error_message(f"Not sent: {exc.message}")])  # (not kept)
@@ -543,7 +566,7 @@ class ChatUI:
         index = evt.index if isinstance(evt.index, int) else evt.index[0]
         if not text or not 0 <= index < len(chat.messages) or chat.messages[index]["role"] != "user":
             return (gr.skip(), display(chat.messages), gr.skip(), None, *IDLE_BUTTONS)
-        claim, chat = self._begin(ptr, chat, lambda ms: ms[:index] + [{"role": "user", "content": text}],
+        claim, chat = self._begin(ptr, chat, lambda ms: ms[:index] + [{**ms[index], "content": text}],
                                   system, sampling)
         return (ptr, display(chat.messages), "…", {"claim": claim}, *BUSY_BUTTONS)
 
@@ -572,7 +595,7 @@ class ChatUI:
                 question = c.messages[at]["content"] if c.messages[at]["role"] == "user" else ""
                 c.messages = c.messages[:at]
         chat, _ = self.store.update(ptr["browser"], ptr["chat"], change)
-        box_value = question if question and not (box or "").strip() else gr.skip()
+        box_value = question if question and not _text(box).strip() else gr.skip()
         return (display(chat.messages), box_value, "", *IDLE_BUTTONS)
 
     async def clear(self, ptr: dict) -> tuple:
@@ -609,26 +632,26 @@ class ChatUI:
     async def send(self, message: str, ptr: dict, system: str, max_new_tokens: float,
                    temperature: float, top_p: float, top_k: float, repetition_penalty: float
                    ) -> AsyncIterator[tuple]:
-        """/send: the message in, the reply streamed out: (chat, box, stats)."""
-        message = self._check_input(message)
+        """/send: the message in (text, or {"text", "files"} for an image model), the reply
+        streamed out: (chat, box, stats); the chat as text (images are kept, not sent back)."""
+        message, images = await asyncio.to_thread(self._message_in, message)
         system = self._check_input(system, "system prompt")
         sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         ptr, chat = self._session(ptr)
-        if not message:
-            yield display(chat.messages), "", "", ptr
+        if not message and not images:
+            yield display(chat.messages, images=False), "", "", ptr
             return
         try:
-            claim, chat = self._begin(ptr, chat, lambda ms: ms + [{"role": "user", "content": message}],
-                                      system, sampling)
+            claim, chat = self._begin(ptr, chat, lambda ms: ms + [_question(message, images)], system, sampling)
         except Refused as exc:  # refused before anything changed: shown in the chat, message kept
-            yield display(chat.messages + [error_message(exc.message)]), message, "", ptr
+            yield display(chat.messages + [error_message(exc.message)], images=False), message, "", ptr
             return
         first = True
         async for msgs, stats in self._answer(ptr, {"claim": claim}, sampling):
-            yield display(msgs), "", stats, (ptr if first else gr.skip())
+            yield display(msgs, images=False), "", stats, (ptr if first else gr.skip())
             first = False
         if first:
-            yield display(chat.messages), "", "", ptr
+            yield display(chat.messages, images=False), "", "", ptr
 
     async def api_retry(self, ptr: dict, system: str, *sliders: float) -> AsyncIterator[tuple]:
         ptr, _ = self._session(ptr)
@@ -636,17 +659,24 @@ class ChatUI:
         pending = out[3]
         if not isinstance(pending, dict):
             chat = self.store.get(ptr["browser"], ptr["chat"])
-            yield display(chat.messages), "", ptr
+            yield display(chat.messages, images=False), "", ptr
             return
         async for msgs, stats in self._answer(ptr, pending, self._sampling(*sliders)):
-            yield display(msgs), stats, ptr
+            yield display(msgs, images=False), stats, ptr
+
+    def _api_chat(self, ptr: dict) -> list[dict]:
+        chat = self.store.get(ptr["browser"], ptr["chat"])
+        return display(chat.messages if chat else [], images=False)
 
     async def api_stop(self, ptr: dict) -> tuple:
-        return (await self.stop(ptr))[:2]
+        ptr, _ = self._session(ptr)
+        _, stats, *_ = await self.stop(ptr)
+        return self._api_chat(ptr), stats
 
     async def api_undo(self, ptr: dict) -> tuple:
-        chat, box, stats, *_ = await self.undo(ptr, "")
-        return chat, box if isinstance(box, str) else "", stats
+        ptr, _ = self._session(ptr)
+        _, box, stats, *_ = await self.undo(ptr, "")
+        return self._api_chat(ptr), box if isinstance(box, str) else "", stats
 
     async def api_clear(self, ptr: dict) -> tuple:
         chat, stats, *_ = await self.clear(ptr)
@@ -661,21 +691,40 @@ class ChatUI:
     def accept_compare(self, message: str, hist_a: list[dict], hist_b: list[dict], system: str,
                        max_new_tokens: float, temperature: float, top_p: float, top_k: float,
                        repetition_penalty: float, request: gr.Request) -> tuple:
-        message = self._check_input(message)
+        message, images = self._message_in(message)
         system = self._check_input(system, "system prompt")
         sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        if not message:
+        if not message and not images:
             return (gr.skip(),) * 8
         sid = self._sid(request, "compare")
         claim = self._turns.claim(sid)
-        hists = [list(h or []) + [{"role": "user", "content": message}] for h in (hist_a, hist_b)]
         try:
-            for (engine, _), h in zip(self._compare_engines(request), hists):
-                engine.check(to_engine_messages(h, system), sampling)
-        except EngineError as exc:
+            hists = self._compare_turn(_question(message, images), [hist_a, hist_b], system, sampling, request)
+        except BaseException:
             self._turns.release(sid, claim)
-            raise gr.Error(visitor_message(exc), title="Not sent") from None
-        return "", display(hists[0]), display(hists[1]), hists[0], hists[1], "…", "…", claim
+            raise
+        return ("", display(hists[0]), display(hists[1]), hists[0], hists[1],
+                *("…" if h[-1]["role"] == "user" else "" for h in hists), claim)
+
+    def _compare_turn(self, question: dict, hists: list[list[dict] | None], system: str,
+                      sampling: SamplingParams, request: gr.Request) -> list[list[dict]]:
+        """Both histories with the question. A side whose model cannot take it (a text-only
+        model shown an image, too long for its context) gets a notice saying why in place of a
+        reply; the other side answers. gr.Error if neither can."""
+        out, refused = [], []
+        for (engine, _), label, h in zip(self._compare_engines(request), (self.label, self.compare_label), hists):
+            h = list(h or []) + [question]
+            try:
+                if question.get("images") and not engine.accepts_images:
+                    raise NoImages(f"{label} takes no images, only text")
+                engine.check(to_engine_messages(h, system), sampling)
+            except EngineError as exc:
+                refused.append(exc)
+                h.append(error_message(visitor_message(exc)))
+            out.append(h)
+        if len(refused) == len(out):
+            raise gr.Error(visitor_message(refused[0]), title="Not sent")
+        return out
 
     async def reply_compare(self, claim: int | None, hist_a: list[dict], hist_b: list[dict], system: str,
                             max_new_tokens: float, temperature: float, top_p: float, top_k: float,
@@ -701,28 +750,30 @@ class ChatUI:
                       repetition_penalty: float, request: gr.Request) -> AsyncIterator[tuple]:
         """/compare, as one API call: both models answer the same question at the same time,
         each with its own history."""
-        message = self._check_input(message)
+        message, images = await asyncio.to_thread(self._message_in, message)
         system = self._check_input(system, "system prompt")
         sampling = self._sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        if not message:
-            yield display(hist_a or []), display(hist_b or []), hist_a, hist_b, "", "", ""
+        if not message and not images:
+            yield display(hist_a or [], images=False), display(hist_b or [], images=False), hist_a, hist_b, "", "", ""
             return
         sid = self._sid(request, "compare")
         claim = self._turns.claim(sid)
         try:
-            hists = [list(h or []) + [{"role": "user", "content": message}] for h in (hist_a, hist_b)]
+            hists = self._compare_turn(_question(message, images), [hist_a, hist_b], system, sampling, request)
             async for a, b, sa, sb in self._both_answer(hists, system, sampling, request):
-                yield display(a), display(b), a, b, "", sa, sb
+                yield display(a, images=False), display(b, images=False), a, b, "", sa, sb
         finally:
             self._turns.release(sid, claim)
 
     async def _both_answer(self, hists: list[list[dict]], system: str, sampling: SamplingParams,
                            request: gr.Request) -> AsyncIterator[tuple]:
-        """Both models' replies as they stream: (messages a, messages b, stats a, stats b)."""
-        streams = [self._stream_reply(engine, hists[i], system, sampling, sid)
-                   for i, (engine, sid) in enumerate(self._compare_engines(request))]
-        shown, stats = list(hists), ["…", "…"]
-        pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
+        """Both models' replies as they stream: (messages a, messages b, stats a, stats b). A
+        side that ends in a notice (its model refused the question) does not stream."""
+        asks = [h[-1]["role"] == "user" for h in hists]
+        streams = {i: self._stream_reply(engine, hists[i], system, sampling, sid)
+                   for i, (engine, sid) in enumerate(self._compare_engines(request)) if asks[i]}
+        shown, stats = list(hists), ["…" if ask else "" for ask in asks]
+        pending = {asyncio.ensure_future(anext(s)): i for i, s in streams.items()}
         try:
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -737,7 +788,7 @@ class ChatUI:
         finally:
             for task in pending:
                 task.cancel()
-            for s in streams:
+            for s in streams.values():
                 await s.aclose()
 
     async def stop_compare(self, request: gr.Request) -> None:
@@ -758,6 +809,17 @@ class ChatUI:
         await self.stop_compare(request)
 
     # -- layout -------------------------------------------------------------------------
+    def _input_box(self, placeholder: str, **kw: Any) -> Any:
+        """The message box: text, or, when a model takes images, text and images (the clip
+        button, or a file dropped on it; the size limit said in the box)."""
+        if not self.images:
+            return gr.Textbox(show_label=False, placeholder=placeholder, **kw)
+        return gr.MultimodalTextbox(
+            show_label=False, sources=["upload"], file_types=["image"], file_count="multiple",
+            placeholder=f"{placeholder}; add images (up to {MAX_IMAGES_PER_MESSAGE}, "
+                        f"{self.settings.max_image_mb:g} MB each) with the clip or by dropping them here",
+            submit_btn=False, max_plain_text_length=self.settings.max_input_chars * 4, **kw)
+
     def build(self) -> gr.Blocks:
         s = self.settings
         gen = dict(concurrency_limit=s.concurrency or self.engine.max_concurrency, concurrency_id="generate")
@@ -769,8 +831,8 @@ class ChatUI:
         secret = self.store.secret() if isinstance(self.store, SQLiteStore) else None
         defaults = self._default_settings()
         examples = [{"text": e} for e in s.example_list()]
-        # No analytics calls from a public deployment; Gradio's cache (nothing lands there
-        # while uploads are refused) is swept hourly of files older than an hour.
+        # No analytics calls from a public deployment; Gradio's cache (uploads, images shown in
+        # the chat window) is swept hourly of files older than an hour.
         with gr.Blocks(title=s.title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
             browser = gr.BrowserState("", storage_key="chat-app-browser", secret=secret)
             ptr = gr.State({})
@@ -814,8 +876,8 @@ class ChatUI:
                                          latex_delimiters=LATEX, autoscroll=True)
                     stats = gr.Markdown("", elem_id="stats")
                     with gr.Row(elem_id="input_bar"):
-                        box = gr.Textbox(label="Message", show_label=False, autofocus=True, lines=1, max_lines=8,
-                                         placeholder="Type a message and press Enter", scale=8, elem_id="input")
+                        box = self._input_box(label="Message", autofocus=True, lines=1, max_lines=8, scale=8,
+                                              elem_id="input", placeholder="Type a message and press Enter")
                         send_btn = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
                         stop_btn = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop",
                                              visible=False)
@@ -896,6 +958,7 @@ class ChatUI:
                     self._build_compare(system, sliders, gen)
             demo.load(self.on_load, [browser], [browser, ptr, *view, stats, banner], api_visibility="private")
             demo.unload(self.on_leave)
+        demo.upload_limit_mb = s.max_image_mb if self.images else 0  # read by launch()
         return demo
 
     def _build_compare(self, system: Any, sliders: list, gen: dict) -> None:
@@ -912,8 +975,8 @@ class ChatUI:
                                         latex_delimiters=LATEX, buttons=["copy_all"], feedback_options=None)
                     stats_b = gr.Markdown("", elem_id="stats_b")
             with gr.Row():
-                cbox = gr.Textbox(label="Question for both models", show_label=False, scale=8,
-                                  placeholder="One question, both models answer", elem_id="cmp_input")
+                cbox = self._input_box(label="Question for both models", scale=8, elem_id="cmp_input",
+                                       placeholder="One question, both models answer")
                 cmp_btn = gr.Button("Ask both", variant="primary", scale=1, elem_id="cmp_send")
                 cstop = gr.Button("Stop", variant="stop", scale=1, elem_id="cmp_stop")
                 cclear = gr.Button("Clear", scale=1)
@@ -935,6 +998,10 @@ class ChatUI:
             cclear.click(self.clear_compare, None, couts, api_name="clear_compare", cancels=crunning)
 
 
+class NoImages(InvalidRequest):
+    """An image for a model that takes only text."""
+
+
 class Refused(gr.Error):
     """A request the engine refused before anything changed (too long for the context, ...)."""
 
@@ -950,6 +1017,11 @@ class _Buttons:
 
 
 BUSY_BUTTONS, IDLE_BUTTONS = _Buttons(True), _Buttons(False)
+
+
+def _question(text: str, images: list[str]) -> dict:
+    """A question as the chat keeps it: its images (data URLs) with it, if it has any."""
+    return {"role": "user", "content": text, **({"images": images} if images else {})}
 
 
 def _text(value: Any) -> str:
@@ -977,7 +1049,7 @@ def system_hint(system: str) -> str:
 
 
 def _counter_js(limit: int) -> str:
-    return ("(t) => { const n = [...(t || '')].length; if (n <= %d * 0.8) return ''; "
+    return ("(t) => { const n = [...((typeof t === 'string' ? t : t?.text) || '')].length; if (n <= %d * 0.8) return ''; "
             "const over = n > %d; return `<span class=\"${over ? 'over' : ''}\">${n.toLocaleString()} / "
             "%s characters${over ? ' — too long to send: please shorten it' : ''}</span>`; }"
             % (limit, limit, f"{limit:,}"))
@@ -1002,6 +1074,8 @@ def visitor_message(exc: EngineError) -> str:
         return BUSY
     if isinstance(exc, ContextOverflow):
         return exc.message[0].upper() + exc.message[1:].replace("max_new_tokens", "Max new tokens") + "."
+    if isinstance(exc, NoImages):
+        return exc.message + "."
     if isinstance(exc, InvalidRequest):
         return "The model server refused the request: " + exc.message.removeprefix("api: request rejected: ")
     if isinstance(exc, BackendUnavailable):
@@ -1058,12 +1132,15 @@ def launch(demo: gr.Blocks, settings: AppSettings, prevent_thread_lock: bool = F
     # Gradio runs at most max_threads events at once, whatever their concurrency limits
     # (queueing.py: active_jobs): leave room for every reply the engine can run, plus the rest.
     limits = [fn.concurrency_limit for fn in demo.fns.values() if isinstance(fn.concurrency_limit, int)]
+    upload_mb = getattr(demo, "upload_limit_mb", 0)
+    if upload_mb:  # an image model: uploads up to MAX_IMAGES_PER_MESSAGE images of upload_mb each
+        limit = Middleware(RequestLimits, max_bytes=int(MAX_IMAGES_PER_MESSAGE * upload_mb * 2**20) + MAX_BODY_BYTES)
+    else:  # no component takes files: uploads are refused, and no request body may exceed 1 MB
+        limit = Middleware(RequestLimits, max_bytes=MAX_BODY_BYTES, refused=("/upload",),
+                           refused_reason="this app takes no uploads")
     return demo.launch(
         server_name=host or settings.host, server_port=port or settings.port,
         auth=settings.auth_pairs(), max_threads=max([40] + [n + 16 for n in limits]),
-        max_file_size="1mb",
-        # No component takes files: uploads are refused, and no request body may exceed 1 MB.
-        app_kwargs={"middleware": [Middleware(RequestLimits, max_bytes=MAX_BODY_BYTES, refused=("/upload",),
-                                              refused_reason="this app takes no uploads")]},
+        max_file_size=f"{upload_mb:g}mb" if upload_mb else "1mb", app_kwargs={"middleware": [limit]},
         allowed_paths=[], show_error=False, ssr_mode=False, run_history=False,
         prevent_thread_lock=prevent_thread_lock, css=CSS, head=HEAD)

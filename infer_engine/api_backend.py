@@ -25,7 +25,6 @@ COMMON_CONTROL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|actio
 class ApiEngine(Engine):
     # passed through to the remote server, which refuses what it cannot do
     features = frozenset({"frequency_penalty", "presence_penalty", "response_format"})
-    accepts_images = True  # relayed as image_url parts; the remote model says if it cannot
 
     def __init__(self, settings: EngineSettings):
         from openai import OpenAI
@@ -36,6 +35,7 @@ class ApiEngine(Engine):
                              timeout=self.settings.timeout, max_retries=0)
         self._model = self.settings.model
         self.max_concurrency = 128  # the remote server batches; it answers 5xx when full
+        self.accepts_images = self.settings.images  # relayed as image_url parts (/v1/models cannot tell)
 
     @property
     def model_name(self) -> str:

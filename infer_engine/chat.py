@@ -2,9 +2,11 @@
 
     python -m infer_engine.chat models/tiny-chat [--system "..."] [--temperature 0.7]
     python -m infer_engine.chat ./merged --prompt-template internlm2_chat   # as with `xtuner chat`
+    python -m infer_engine.chat models/tiny-llava-shapes --image square.png  # an image model
 
-Type a message and Enter. Commands: /reset (forget the history), /exit. Ctrl-C while a reply
-streams stops it (the engine cancels the generation); Ctrl-C at the prompt quits.
+Type a message and Enter. Commands: /image PATH (an image for the next message: a local file,
+read here and sent inline), /reset (forget the history), /exit. Ctrl-C while a reply streams
+stops it (the engine cancels the generation); Ctrl-C at the prompt quits.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import uuid
 
 from .errors import EngineError
 from .factory import create_engine
+from .images import data_url, load_image
 from .settings import SamplingParams, add_engine_arguments, settings_from_args
 
 
@@ -24,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-template", dest="chat_template", default=None,
                    help="same as --chat-template (the name `xtuner chat` uses)")
     p.add_argument("--system", default="", help="system prompt")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the first message (an image model; as `xtuner chat --image`)")
     p.add_argument("--max-new-tokens", type=int, default=SamplingParams.max_new_tokens)
     p.add_argument("--temperature", type=float, default=SamplingParams.temperature)
     p.add_argument("--top-p", type=float, default=SamplingParams.top_p)
@@ -44,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     session = uuid.uuid4().hex
+    images: list[str] = []  # data URLs for the next message
+    for path in args.image:
+        try:
+            images.append(_image(path))
+        except (EngineError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     with engine:
         try:
             name = engine.model_name
@@ -63,9 +75,17 @@ def main(argv: list[str] | None = None) -> int:
                 history = history[:1] if args.system else []
                 print("(history cleared)")
                 continue
+            if line.startswith("/image"):
+                try:
+                    images.append(_image(line[len("/image"):].strip()))
+                    print(f"({len(images)} image(s) for the next message)")
+                except (EngineError, OSError) as exc:
+                    print(f"error: {exc}")
+                continue
             if not line:
                 continue
-            history.append({"role": "user", "content": line})
+            parts = [{"type": "image_url", "image_url": {"url": u}} for u in images]
+            history.append({"role": "user", "content": parts + [{"type": "text", "text": line}] if parts else line})
             reply, usage = [], None
             try:
                 stream = engine.stream_chat(history, sampling, session)
@@ -82,11 +102,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nerror: {exc}")
                 history.pop()
                 continue
+            images = []  # sent: they stay in the history
             history.append({"role": "assistant", "content": "".join(reply)})
             if usage:
                 tps = f", {usage.decode_tokens_per_s:.1f} tok/s" if usage.decode_tokens_per_s else ""
                 ttft = f", first token {usage.ttft_s * 1000:.0f} ms" if usage.ttft_s is not None else ""
                 print(f"\n[{usage.completion_tokens} tokens{ttft}{tps}]")
+
+
+def _image(path: str) -> str:
+    """A local image file as a checked data URL (an unreadable or cut file: one error line)."""
+    if not path:
+        raise OSError("/image needs a file path")
+    url = data_url(path)
+    load_image(url, path)
+    return url
 
 
 if __name__ == "__main__":

@@ -3,10 +3,13 @@
 
 We render the prompt ourselves (same templates and truncation as every backend) and hand
 LMDeploy the text with `do_preprocess=False`; content control tokens are neutralised first,
-since LMDeploy parses special tokens anywhere in the text. LMDeploy is imported lazily.
+since LMDeploy parses special tokens anywhere in the text. A turn with images goes to
+LMDeploy's VLM pipeline as OpenAI messages (its chat template places the image tokens), the
+text neutralised the same way. LMDeploy is imported lazily.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -70,16 +73,31 @@ class LMDeployEngine(Engine):
         self.max_concurrency = settings.lmdeploy.max_batch_size or 128
         # GenerationConfig has no frequency / presence penalty (repetition_penalty only)
         self.features = frozenset({"completions", "response_format"})
+        # a vision-language model (llava-hf, Qwen2-VL, InternVL, ...): LMDeploy's pipeline is then
+        # its VLM pipeline, which encodes the images with the model's own vision tower
+        self.accepts_images = is_vision_model(settings.model_path)
+
+    def _prepare(self, messages: Sequence[Any], sampling: SamplingParams | None, session_id: str,
+                 continue_final: bool = False) -> Generation:
+        gen = super()._prepare(messages, sampling, session_id, continue_final)
+        if continue_final and any(m.get("image_urls") for m in gen.messages):
+            raise InvalidRequest("continue_final_message: not supported with images by the LMDeploy backend "
+                                 "(its VLM pipeline applies the chat template itself)", param="messages")
+        return gen
 
     def generate(self, gen: Generation) -> Iterator[Piece]:
         session = self.pipe.session()
         gen.on_cancel(session.abort)
-        text = self.prompt.plain_text(gen.raw_prompt) if gen.raw_prompt is not None \
-            else self.prompt.text(gen.messages, gen.continue_final)
-        outputs = self.pipe.stream_infer(text, sessions=session,
+        with_images = any(m.get("image_urls") for m in gen.messages)
+        if with_images:  # LMDeploy's VLM pipeline places and encodes the images itself
+            prompt: Any = vl_messages(gen.messages, self.prompt)
+        else:
+            prompt = self.prompt.plain_text(gen.raw_prompt) if gen.raw_prompt is not None \
+                else self.prompt.text(gen.messages, gen.continue_final)
+        outputs = self.pipe.stream_infer(prompt, sessions=session,
                                          gen_config=generation_config(gen.sampling,
                                                                       self.prompt.stop_token_ids),
-                                         do_preprocess=False)
+                                         do_preprocess=with_images)
         # LMDeploy's incremental text can drop a tail that ends inside a multi-byte character
         # (seen on the H100 with concurrent sessions): stream its text, and once finished emit
         # what one decode of all the ids adds. Decoding per delta here halved N=64 throughput.
@@ -106,6 +124,30 @@ class LMDeployEngine(Engine):
     def close(self) -> None:
         self.cancel_all()
         self.pipe.close()
+
+
+def is_vision_model(model_path: str) -> bool:
+    """A model folder whose config has a vision tower (what LMDeploy serves as a VLM)."""
+    try:
+        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "vision_config" in config
+
+
+def vl_messages(messages: Sequence[dict], prompt: ChatPrompt) -> list[dict]:
+    """Checked messages as LMDeploy's VLM pipeline takes them: OpenAI content parts, the images
+    as their data URLs, every text with control tokens neutralised (LMDeploy applies the chat
+    template and tokenizes the result)."""
+    out = []
+    for m in messages:
+        text = prompt.plain_text(m["content"])
+        if m.get("image_urls"):
+            parts = [{"type": "image_url", "image_url": {"url": u}} for u in m["image_urls"]]
+            out.append({"role": m["role"], "content": parts + [{"type": "text", "text": text}]})
+        else:
+            out.append({"role": m["role"], "content": text})
+    return out
 
 
 def _missing_tail(tokenizer: Any, ids: list[int], streamed: str) -> str:

@@ -44,6 +44,8 @@ class ApiSettings:
     max_retries: int = field(default=3, metadata=_help("retries on connection errors / 5xx"))
     escape_control_tokens: bool = field(
         default=True, metadata=_help("neutralise control tokens in text sent to the server"))
+    images: bool = field(default=False, metadata=_help(
+        "the remote model takes images: relay image_url parts (off: refused here, and the app shows no clip)"))
 
 
 @dataclass
@@ -60,6 +62,8 @@ class SyntheticSettings:
     reply_tokens: int = field(default=0, metadata=_help(
         "synthetic backend: reply length in tokens (0: echo the question, then end the turn)"))
     model_name: str = field(default="synthetic", metadata=_help("synthetic backend: model name shown"))
+    accepts_images: bool = field(default=False, metadata=_help(
+        "synthetic backend: take images in user messages, as a vision-language model does"))
 
 
 @dataclass

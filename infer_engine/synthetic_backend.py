@@ -4,7 +4,8 @@ never a model's sampling.
 
     python app.py --backend synthetic --synthetic-tokens-per-s 100 --synthetic-reply-tokens 150
 
-The reply echoes the last user message ("You said: ..."), then, with `reply_tokens`, goes on
+The reply echoes the last user message ("You said: ...", and "(N images)" when it came with
+images, which it takes with `accepts_images`), then, with `reply_tokens`, goes on
 with numbered filler words up to that many tokens (a token is one word here). It honours
 max_new_tokens, stop strings, ignore_eos and cancel like every backend (the protocol is
 Engine's); it has no context window (nothing is tokenized).
@@ -23,13 +24,16 @@ class SyntheticEngine(Engine):
         super().__init__()
         self.settings = (settings or EngineSettings(backend="synthetic")).synthetic
         self.model_name = self.settings.model_name
+        self.accepts_images = self.settings.accepts_images
         self.max_concurrency = 1024  # no model: any number of streams
 
     def reply_words(self, gen: Generation) -> Iterator[str]:
         """The whole reply to the last question; continuing a reply, what comes after it."""
-        question = gen.messages[-2 if gen.continue_final else -1]["content"]
+        asked = gen.messages[-2 if gen.continue_final else -1]
         done = len(gen.messages[-1]["content"].split()) if gen.continue_final else 0
-        words = ["You", " said:"] + [" " + w for w in question.split()]
+        words = ["You", " said:"] + [" " + w for w in asked["content"].split()]
+        if asked.get("images"):
+            words += [f" ({len(asked['images'])}", " images)" if len(asked["images"]) > 1 else " image)"]
         target = self.settings.reply_tokens
         if gen.sampling.ignore_eos:
             target = done + gen.sampling.max_new_tokens

@@ -32,3 +32,33 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_llava(tmp_path_factory, tiny_model) -> Path:
     """A tiny LLaVA (llava-hf layout) around the tiny chat model: random vision tower."""
     return load_script("build_tiny_model").build_llava(tmp_path_factory.mktemp("models") / "tiny-llava", tiny_model)
+
+
+# -- headless Chromium (Debian's) for the page tests ------------------------------------------
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        b.new_page, b.new_context = _patient(b.new_page), _patient(b.new_context)
+        yield b
+        b.close()
+
+
+# Every wait ends at the state it waits for; this only bounds how long a loaded 2-core CI
+# machine may take to get there (a fresh-clone run saw a reload take over Playwright's 30 s).
+WAIT_MS = 120_000
+
+
+def _patient(make):
+    def made(*args, **kwargs):
+        obj = make(*args, **kwargs)
+        obj.set_default_timeout(WAIT_MS)
+        return obj
+    return made

@@ -37,3 +37,21 @@ def test_an_unknown_prompt_template_is_refused_in_one_line(tiny_model):
     r = chat(str(tiny_model), "--prompt-template", "nonsense", stdin="")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: chat_template must be 'auto' or one of")
+
+
+def test_an_image_model_chats_about_a_local_image(tiny_llava, tiny_model, tmp_path):
+    from PIL import Image
+
+    square = tmp_path / "red.png"
+    Image.new("RGB", (64, 64), (220, 20, 20)).save(square)
+    (tmp_path / "cut.png").write_bytes(square.read_bytes()[:60])
+    r = chat(str(tiny_llava), "--max-new-tokens", "3", "--temperature", "0", "--image", str(square),
+             stdin=f"What colour?\n/image {tmp_path / 'cut.png'}\n/image {tmp_path / 'missing.png'}\n"
+                   f"/image {square}\nAnd now?\n/exit\n")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("[3 tokens") == 2  # both questions, each with its image, answered
+    assert f"error: {tmp_path / 'cut.png'}: not a readable image" in r.stdout
+    assert "missing.png" in r.stdout and "(1 image(s) for the next message)" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr
+    r = chat(str(tiny_model), "--image", str(square), stdin="What colour?\n/exit\n")
+    assert "error: messages[0].content: this model (tiny-chat) takes no images" in r.stdout

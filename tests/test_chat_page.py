@@ -20,10 +20,7 @@ from infer_engine.server import free_port
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = ROOT / "tests" / "artifacts"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
 REPLY_TOKENS = 120  # at 60 tokens/s: two seconds of streaming to press buttons in
 
 
@@ -73,30 +70,6 @@ def app(tmp_path_factory):
     a = App(tmp_path_factory.mktemp("page"), max_input_chars=300, system_prompt="")
     yield a
     a.demo.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        b.new_page, b.new_context = _patient(b.new_page), _patient(b.new_context)
-        yield b
-        b.close()
-
-
-# Every wait ends at the state it waits for; this only bounds how long a loaded 2-core CI
-# machine may take to get there (a fresh-clone run saw a reload take over Playwright's 30 s).
-WAIT_MS = 120_000
-
-
-def _patient(make):
-    def made(*args, **kwargs):
-        obj = make(*args, **kwargs)
-        obj.set_default_timeout(WAIT_MS)
-        return obj
-    return made
 
 
 @pytest.fixture

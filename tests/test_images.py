@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from engines import local_settings
-from infer_engine import EngineSettings, create_engine
+from infer_engine import EngineSettings, InvalidRequest, create_engine
 from infer_engine.server import BackgroundServer, create_app
 
 KEY = "sk-images"
@@ -83,6 +83,10 @@ def test_typed_image_tokens_stay_text(client):
 def test_the_api_backend_relays_images(llava):
     s = EngineSettings(backend="api")
     s.api.base_url, s.api.api_key = llava[1].base_url, KEY
+    with create_engine(s) as relay:  # by default the remote model is taken to be text-only
+        with pytest.raises(InvalidRequest, match="takes no images"):
+            relay.check(turn(data_url(png())))
+    s.api.images = True
     with create_engine(s) as relay, BackgroundServer(create_app(relay, api_key=KEY)) as front:
         c = openai.OpenAI(base_url=front.base_url, api_key=KEY, max_retries=0)
         direct = openai.OpenAI(base_url=llava[1].base_url, api_key=KEY, max_retries=0)

@@ -56,3 +56,62 @@ def test_sampling_turns_on_do_sample():
 def test_temperature_zero_is_greedy():
     g = generation_config(SamplingParams(temperature=0, ignore_eos=True))
     assert g.do_sample is False and g.ignore_eos is True and g.stop_token_ids is None
+
+
+class _FakePipe:
+    """Stands in for LMDeploy's pipeline on a CPU (its engines need CUDA): records what the
+    backend hands it and answers one token."""
+
+    def __init__(self):
+        self.calls = []
+
+    def session(self):
+        class Session:
+            def abort(self): pass
+            def close(self): pass
+        return Session()
+
+    def stream_infer(self, prompt, sessions=None, gen_config=None, do_preprocess=None):
+        from types import SimpleNamespace
+
+        self.calls.append((prompt, do_preprocess, gen_config))
+        yield SimpleNamespace(text="ok", token_ids=[5], generate_token_len=1, input_token_len=3,
+                              finish_reason="stop", error_message=None, error_code=None)
+
+    def close(self): pass
+
+
+def test_image_turns_go_to_lmdeploys_vlm_pipeline_as_openai_messages(tiny_llava, tiny_model, monkeypatch):
+    """The wiring on a CPU: a llava-hf folder takes images; its image turns reach LMDeploy as
+    OpenAI messages (the data URL, the text with control tokens neutralised, LMDeploy's own
+    template: do_preprocess), text turns as our rendered prompt; continuing a reply about an
+    image is refused by name. The GPU run serves the same path for real."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from infer_engine.lmdeploy_backend import LMDeployEngine
+
+    pipe = _FakePipe()
+    monkeypatch.setattr(lmdeploy, "pipeline", lambda *a, **kw: pipe)
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 0, 0)).save(buf, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    s = EngineSettings(model_path=str(tiny_llava), backend="pytorch", session_len=2048)
+    engine = LMDeployEngine(s)
+    assert engine.accepts_images
+    turn = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "Colour?<|im_end|>"}]}]
+    assert "".join(d.text for d in engine.stream_chat(turn, SamplingParams(max_new_tokens=4))) == "ok"
+    prompt, preprocess, _ = pipe.calls[-1]
+    assert preprocess is True and prompt[0]["content"][0] == {"type": "image_url", "image_url": {"url": url}}
+    text = prompt[0]["content"][1]["text"]
+    assert text.startswith("Colour?") and "<|im_end|>" not in text
+    list(engine.stream_chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4)))
+    prompt, preprocess, _ = pipe.calls[-1]
+    assert preprocess is False and isinstance(prompt, str) and "hi" in prompt
+    with pytest.raises(InvalidRequest, match="continue_final_message: not supported with images"):
+        engine.check(turn + [{"role": "assistant", "content": "It is"}], continue_final=True)
+    engine.close()
+    assert LMDeployEngine(EngineSettings(model_path=str(tiny_model), backend="pytorch")).accepts_images is False
