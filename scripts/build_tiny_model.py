@@ -166,20 +166,29 @@ def _make_tokenizer_config_portable(folder: Path) -> None:
 IMAGE_TOKEN = "<image>"
 
 
+# CLIP vision towers of real sizes (random weights): --clip --shape clip-vit-l-14-336
+CLIP_SHAPES: dict[str, dict] = {
+    "clip-vit-l-14-336": dict(image_size=336, patch=14, hidden=1024, layers=24, heads=16),
+}
+
+
 def build_clip(out: str | Path, image_size: int = 64, patch: int = 8, hidden: int = 64, layers: int = 2,
-               seed: int = 0) -> Path:
-    """A small random CLIP vision tower with its image processor (a CLIP ViT-L/14-336 folder's
-    layout, at 64x64 pixels): the visual encoder of the offline LLaVA demo."""
+               seed: int = 0, heads: int = 4, device: str = "cpu") -> Path:
+    """A random CLIP vision tower with its image processor (a CLIP ViT-L/14-336 folder's
+    layout): by default small, 64x64 pixels, the visual encoder of the offline LLaVA demo."""
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
     config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
-                              num_attention_heads=4, image_size=image_size, patch_size=patch, projection_dim=hidden)
+                              num_attention_heads=heads, image_size=image_size, patch_size=patch,
+                              projection_dim=hidden)
     out = Path(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
     try:
-        CLIPVisionModel(config).save_pretrained(tmp, safe_serialization=True)
+        with torch.device(device):
+            model = CLIPVisionModel(config)
+        model.save_pretrained(tmp, safe_serialization=True)
         _legacy_clip_keys(tmp / "model.safetensors")
         CLIPImageProcessor(size={"shortest_edge": image_size},
                            crop_size={"height": image_size, "width": image_size}).save_pretrained(tmp)
@@ -250,14 +259,15 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of a real model size")
+    p.add_argument("--shape", choices=sorted(SHAPES) + sorted(CLIP_SHAPES),
+                   help="random weights of a real model size (a clip-* shape with --clip)")
     p.add_argument("--device", default="cpu", help="where to initialise (cuda is much faster for --shape)")
     p.add_argument("--llava", metavar="CHAT_MODEL", help="build a tiny LLaVA around this chat model instead")
     p.add_argument("--vision", help="with --llava: this CLIP vision tower (default: a new random one)")
     p.add_argument("--clip", action="store_true", help="build only a tiny CLIP vision tower")
     a = p.parse_args()
     if a.clip:
-        print(build_clip(a.out, seed=a.seed))
+        print(build_clip(a.out, seed=a.seed, device=a.device, **CLIP_SHAPES.get(a.shape, {})))
         return
     if a.llava:
         print(build_llava(a.out, a.llava, hidden=a.hidden, layers=a.layers, seed=a.seed, vision=a.vision))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -197,6 +198,35 @@ def to_llava_hf(s: LlavaSettings, xtuner_dir: Path, out: Path) -> Path:
     return out
 
 
+def finetune_summary(s: LlavaSettings, records: list[dict], log: Path) -> str:
+    """XTuner's s/iter and peak memory for the finetune stage, with tokens/s per GPU from the
+    data (XTuner's LLaVA configs log no token count): batch_size x the mean sample length, an
+    image's patch tokens plus the tokenized text of its turns (capped at max_length)."""
+    from transformers import AutoTokenizer
+
+    from .pipeline import summary
+
+    line = summary(log)
+    m = re.search(r"([\d.]+) s/iter", line)
+    try:
+        v = json.loads((Path(s.visual_encoder_path) / "config.json").read_text(encoding="utf-8"))
+        v = v.get("vision_config", v)
+        image_tokens = (v["image_size"] // v["patch_size"]) ** 2
+        tok = AutoTokenizer.from_pretrained(s.llm_path, trust_remote_code=True)
+    except (OSError, KeyError, ValueError):
+        return line
+    sample = records[: min(len(records), 256)]
+    lengths = [min(s.max_length, image_tokens + sum(len(tok(t["value"]).input_ids) for t in r["conversations"]))
+               for r in sample]
+    per_sample = sum(lengths) / max(1, len(lengths))
+    if not m or "tokens/s" in line:
+        return line
+    tps = s.batch_size * per_sample / float(m.group(1))
+    per = "GPU" if "peak memory" in line else "process"
+    return line + f", {tps:,.0f} tokens/s/{per} ({s.batch_size} x {per_sample:.0f} tokens per sample, " \
+                  f"{image_tokens} of them the image's)"
+
+
 def _portable_tokenizer_config(folder: Path) -> None:
     """The chat template in tokenizer_config.json too, where every transformers version reads it."""
     cfg_path = folder / "tokenizer_config.json"
@@ -223,6 +253,7 @@ def run(s: LlavaSettings, out: str | Path | None = None) -> Path:
     cfg = write_config(s, "finetune", work / "finetune_config.py", projector)
     print(f"[finetune] {cfg} (projector {projector})", flush=True)
     pth = _train(cfg, work / "finetune", s)
+    print(finetune_summary(s, records, work / "finetune.log"), flush=True)
     xtuner_dir = work / "xtuner_llava"
     with atomic_dir(xtuner_dir) as tmp:
         run_step("convert", _tool("pth_to_hf", str(cfg), str(pth), str(tmp), "--fp32", "--safe-serialization"),
