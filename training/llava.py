@@ -94,8 +94,9 @@ def render(s: LlavaSettings, stage: str, pretrained_pth: str = "") -> str:
         "evaluation_inputs": repr(list(s.evaluation_inputs)),
         "randomness": f"dict(seed={s.seed!r}, deterministic=False)",
     }
-    if s.evaluation_image:
-        literal["evaluation_images"] = repr(str(Path(s.evaluation_image).resolve()))
+    # no evaluation image: the hook asks in words only (the built-in's default is a URL it
+    # would download at the start of training)
+    literal["evaluation_images"] = repr(str(Path(s.evaluation_image).resolve())) if s.evaluation_image else "None"
     if s.prompt_template:
         literal["prompt_template"] = f"PROMPT_TEMPLATE.{s.prompt_template}"
     if steps:

@@ -34,3 +34,14 @@ def test_bad_settings_are_one_line_errors(tmp_path):
         settings(tmp_path, profile="cpu")
     with pytest.raises(DataError, match="unknown setting 'llm'"):
         load_settings(None, ["llm=x"])
+
+
+def test_without_an_evaluation_image_nothing_is_downloaded(tmp_path):
+    """The built-in configs' evaluation image is a URL; with none set, the hook asks in words."""
+    cfg = load_config(write_config(settings(tmp_path), "finetune", tmp_path / "ft.py", tmp_path / "p.pth"))
+    assert cfg.evaluation_images is None
+    hook = next(h for h in cfg.custom_hooks if "evaluation_inputs" in h)
+    assert hook["evaluation_images"] is None
+    cfg = load_config(write_config(settings(tmp_path, evaluation_image=str(tmp_path / "oph.jpg")), "finetune",
+                                   tmp_path / "ft2.py", tmp_path / "p.pth"))
+    assert cfg.evaluation_images == str(tmp_path / "oph.jpg")
