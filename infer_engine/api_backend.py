@@ -92,7 +92,7 @@ class ApiEngine(Engine):
         for attempt in range(attempts):
             try:
                 return fn()
-            except (openai.APIConnectionError, openai.InternalServerError) as exc:
+            except (openai.APIConnectionError, openai.InternalServerError, _Unanswered) as exc:
                 if attempt + 1 == attempts or cancelled.is_set():
                     raise BackendUnavailable(
                         f"api: {self.settings.base_url} failed after {attempt + 1} attempt(s): "
@@ -127,6 +127,9 @@ class ApiEngine(Engine):
                 head.append(chunk)
                 if _content(chunk) or _finish(chunk) or chunk.usage:
                     break
+            else:
+                if not gen.cancelled.is_set():
+                    raise _Unanswered("the server ended the stream without an answer")
             return stream, head
 
         stream = None
@@ -152,6 +155,10 @@ class ApiEngine(Engine):
                 if not gen.cancelled.is_set():
                     raise BackendUnavailable(f"api: stream broke off: {exc}") from None
                 return
+            if finish is None and not gen.cancelled.is_set():
+                # a stream that stops without saying why was cut (e.g. the replica behind a proxy died)
+                raise BackendUnavailable(f"api: the reply was cut off after {pieces} piece(s): {self.settings.base_url} "
+                                         "ended the stream before the reply's end")
             if usage is not None:
                 yield Piece("", completion_tokens=usage.completion_tokens,
                             prompt_tokens=usage.prompt_tokens, finish_reason=finish)
@@ -163,6 +170,12 @@ class ApiEngine(Engine):
     def close(self) -> None:
         self.cancel_all()
         self.client.close()
+
+
+class _Unanswered(Exception):
+    """A stream that ended before its first token: retried like a failed connection. LMDeploy's
+    proxy says it this way when the replica it chose is gone (its error object, in-band, is no
+    SSE event)."""
 
 
 def _content(chunk: Any) -> str:

@@ -6,6 +6,11 @@ Endpoints: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions and PO
 /v1/completions (SSE when "stream": true; `n` choices). Errors use OpenAI's JSON shape with
 400/401/404/413/415. A client that disconnects cancels its generations.
 Every request is one log line (loguru): status, session, tokens, time to first token, finish.
+
+As one replica of several: `--proxy-url http://PROXY:8000` registers the server with LMDeploy's
+request router (`lmdeploy serve proxy`) once it listens, as LMDeploy's own api_server does, and
+takes it off again on a clean exit; the proxy's heartbeat (GET /health) drops a replica that
+died.
 """
 from __future__ import annotations
 
@@ -48,8 +53,19 @@ class ServerSettings:
     api_key: str = field(default="", metadata=_help("require 'Authorization: Bearer KEY' (empty: none)"))
     served_model_name: str = field(default="", metadata=_help("model id in /v1/models (default: folder name)"))
     max_body_mb: float = field(default=2.0, metadata=_help("largest request body accepted, in MB (413 above)"))
+    proxy_url: str = field(default="", metadata=_help(
+        "register with this LMDeploy proxy (lmdeploy serve proxy) as one of its replicas"))
+    public_url: str = field(default="", metadata=_help(
+        "where the proxy reaches this server (default http://HOST:PORT; HOST 0.0.0.0: this machine's name)"))
+
+    def node_url(self) -> str:
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        return (self.public_url or f"http://{host}:{self.port}").rstrip("/")
 
     def validate(self) -> "ServerSettings":
+        for name in ("proxy_url", "public_url"):
+            if getattr(self, name) and not getattr(self, name).startswith(("http://", "https://")):
+                raise InvalidRequest(f"{name} must be an http(s) URL, got {getattr(self, name)!r}", param=name)
         if not 0 < self.port < 65536:
             raise InvalidRequest(f"port must be in 1..65535, got {self.port}", param="port")
         if not self.max_body_mb > 0:
@@ -321,6 +337,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ProxyRegistration:
+    """This server as a replica behind LMDeploy's proxy: POST /nodes/add once the server
+    listens (with its model, so the proxy need not call back with an API key), retried while
+    the proxy is not up yet; POST /nodes/remove on a clean exit."""
+
+    def __init__(self, proxy_url: str, node_url: str, model: str, timeout_s: float = 120.0):
+        self.proxy_url, self.node_url, self.model, self.timeout_s = proxy_url.rstrip("/"), node_url, model, timeout_s
+        self.registered = threading.Event()
+        self._stop = threading.Event()
+
+    def _post(self, path: str, body: dict) -> None:
+        import urllib.request
+
+        req = urllib.request.Request(self.proxy_url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            text = resp.read().decode(errors="replace")
+        if "error_code" in text:  # the proxy answers 200 with its own error object
+            raise OSError(text.strip())
+
+    def start(self, ready: Callable[[], bool] = lambda: True) -> None:
+        threading.Thread(target=self._register, args=(ready,), daemon=True, name="proxy-registration").start()
+
+    def _register(self, ready: Callable[[], bool]) -> None:
+        while not ready() and not self._stop.wait(0.05):
+            pass
+        deadline, wait, last = time.monotonic() + self.timeout_s, 0.5, None
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self._post("/nodes/add", {"url": self.node_url, "status": {"models": [self.model]}})
+                self.registered.set()
+                logger.info("registered {} ({}) with the proxy at {}", self.node_url, self.model, self.proxy_url)
+                return
+            except OSError as exc:  # not up yet, or refused: try again
+                last = exc
+            self._stop.wait(wait)
+            wait = min(wait * 2, 5.0)
+        if not self._stop.is_set():
+            logger.error("could not register {} with the proxy at {}: {}", self.node_url, self.proxy_url, last)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.registered.is_set():
+            try:
+                self._post("/nodes/remove", {"url": self.node_url})
+                logger.info("left the proxy at {}", self.proxy_url)
+            except OSError as exc:
+                logger.warning("could not leave the proxy at {}: {}", self.proxy_url, exc)
+
+
 class BackgroundServer:
     """Run an ASGI app with uvicorn on 127.0.0.1 in a daemon thread (tests, benchmarks)."""
 
@@ -376,7 +442,17 @@ def main(argv: list[str] | None = None) -> int:
                          int(server.max_body_mb * 2**20))
         logger.info("serving {} ({}) on http://{}:{}/v1", engine.model_name, settings.backend,
                     server.host, server.port)
-        uvicorn.run(app, host=server.host, port=server.port, log_level="info", access_log=False)
+        registration = ProxyRegistration(server.proxy_url, server.node_url(),
+                                         server.served_model_name or engine.model_name) if server.proxy_url else None
+        config = uvicorn.Config(app, host=server.host, port=server.port, log_level="info", access_log=False)
+        uv = uvicorn.Server(config)
+        if registration is not None:
+            registration.start(ready=lambda: uv.started)  # registers once the socket listens
+        try:
+            uv.run()
+        finally:
+            if registration is not None:
+                registration.stop()
     finally:
         engine.close()
     return 0

@@ -1,0 +1,204 @@
+"""Replicas behind LMDeploy's request router, on the CPU: `lmdeploy serve proxy` and two of our
+servers on the tiny model registered with it (--proxy-url), our api backend and the app
+pointed at the proxy. One replica is killed while two streams run: the one on it ends with a
+readable error, the other goes on, new requests reach the survivor, the app stays up.
+
+Routing is LMDeploy's min_expected_latency: the fewest unfinished requests wins, so of two
+streams started one after the other (the first already streaming) each lands on its own
+replica; which one dies with the killed replica is not known in advance, only that exactly one
+does."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from infer_engine import BackendUnavailable, EngineSettings, SamplingParams, create_engine
+from infer_engine.server import free_port
+
+pytest.importorskip("lmdeploy")
+pytest.importorskip("aiohttp")
+MODEL = "tiny-chat"
+
+
+def get_json(url: str, timeout: float = 10):
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def wait_until(check, what: str, timeout: float = 120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Cluster:
+    """The proxy and N replicas as separate processes, as a deployment runs them."""
+
+    def __init__(self, tmp: Path, model: Path, replicas: int = 2):
+        self.tmp, self.model = tmp, model
+        self.proxy_port = free_port()
+        self.proxy_url = f"http://127.0.0.1:{self.proxy_port}"
+        env = dict(os.environ, LMDEPLOY_CONTROLLER_HEART_BEAT_EXPIRATION="1")  # drop dead replicas fast
+        self.proxy = self._spawn("proxy", [sys.executable, "-m", "lmdeploy.serve.proxy.proxy", "--server_name",
+                                           "127.0.0.1", "--server_port", str(self.proxy_port),
+                                           "--disable_cache_status", "True"], env)
+        wait_until(lambda: get_json(self.proxy_url + "/nodes/status") == {}, "the proxy")
+        self.replicas = {}
+        for _ in range(replicas):
+            port = free_port()
+            self.replicas[f"http://127.0.0.1:{port}"] = self._spawn(f"replica-{port}", [
+                sys.executable, "-m", "infer_engine.server", "--model-path", str(model), "--port", str(port),
+                "--served-model-name", MODEL, "--proxy-url", self.proxy_url])
+        wait_until(lambda: sorted(self.nodes()) == sorted(self.replicas), "both replicas registered")
+
+    def _spawn(self, name: str, cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "w")
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def nodes(self) -> list[str]:
+        return list(get_json(self.proxy_url + "/nodes/status"))
+
+    def engine(self):
+        s = EngineSettings(backend="api")
+        s.api.base_url, s.api.model, s.api.max_retries, s.api.timeout = f"{self.proxy_url}/v1", MODEL, 4, 120
+        return create_engine(s)
+
+    def close(self):
+        for p in [*self.replicas.values(), self.proxy]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in [*self.replicas.values(), self.proxy]:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture
+def cluster(tiny_model, tmp_path):
+    c = Cluster(tmp_path, tiny_model)
+    yield c
+    c.close()
+
+
+LONG = SamplingParams(max_new_tokens=4000, temperature=0, ignore_eos=True)
+
+
+class Stream:
+    """One streamed chat on a thread: its pieces as they come, and how it ended."""
+
+    def __init__(self, engine, sid: str):
+        self.pieces, self.error, self.done = [], None, threading.Event()
+        self.engine, self.sid = engine, sid
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        try:
+            for d in self.engine.stream_chat([{"role": "user", "content": "Count with me."}], LONG, self.sid):
+                self.pieces.append(d.text)
+        except Exception as exc:  # what the caller of a cut reply gets
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def streaming(self, n: int = 5) -> bool:
+        return len(self.pieces) >= n
+
+
+def test_replicas_share_the_load_and_a_dead_one_costs_only_its_own_streams(cluster):
+    engine = cluster.engine()
+    # a request through the proxy is answered by a replica
+    text, usage = engine.chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4, temperature=0))
+    assert usage.completion_tokens >= 1
+    # two long streams, the second started while the first streams: one on each replica
+    a = Stream(engine, "a")
+    wait_until(a.streaming, "the first stream")
+    b = Stream(engine, "b")
+    wait_until(b.streaming, "the second stream")
+    victim_url, victim = next(iter(cluster.replicas.items()))
+    victim.kill()  # SIGKILL: no goodbye to the proxy
+    victim.wait()
+    wait_until(lambda: a.done.is_set() or b.done.is_set(), "the cut stream to end")
+    cut, survivor = (a, b) if a.done.is_set() else (b, a)
+    assert isinstance(cut.error, BackendUnavailable), cut.error
+    assert "cut off" in cut.error.message and len(cut.pieces) >= 5  # what came before stays with the caller
+    # the other stream goes on
+    before = len(survivor.pieces)
+    wait_until(lambda: len(survivor.pieces) > before + 20, "the surviving stream to go on")
+    assert survivor.error is None and not survivor.done.is_set()
+    engine.cancel(survivor.sid)
+    survivor.done.wait(30)
+    # new requests reach the survivor (the proxy's in-band "replica gone" is retried before any token)
+    for i in range(4):
+        text, usage = engine.chat([{"role": "user", "content": f"again {i}"}],
+                                  SamplingParams(max_new_tokens=4, temperature=0), f"n{i}")
+        assert usage.completion_tokens >= 1
+    wait_until(lambda: cluster.nodes() == [u for u in cluster.replicas if u != victim_url], "the dead replica dropped")
+    engine.close()
+
+
+def test_a_replica_that_stops_leaves_the_proxy(cluster):
+    url, proc = next(iter(cluster.replicas.items()))
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert url not in cluster.nodes()  # said goodbye on the way out: no heartbeat needed
+    assert "left the proxy" in (cluster.tmp / f"replica-{url.rsplit(':', 1)[1]}.log").read_text()
+
+
+def test_the_app_behind_the_proxy_stays_up_when_a_replica_dies(cluster, tmp_path_factory):
+    from gradio_client import Client
+
+    from chat_ui.history import ERROR_MARK, text_of
+    from chat_ui.ui import ChatUI, launch
+    from test_app import GREEDY, app_settings
+
+    engine, other = cluster.engine(), cluster.engine()
+    settings = app_settings(tmp_path_factory, max_new_tokens=4000)
+    demo = ChatUI(engine, settings).build()
+    launch(demo, settings, prevent_thread_lock=True)
+    try:
+        c = Client(f"http://127.0.0.1:{settings.port}/", verbose=False)
+        job = c.submit("Count with me.", "", 4000, *GREEDY, api_name="/send")
+
+        def app_streaming() -> bool:
+            outs = job.outputs()
+            return bool(outs) and len(outs[-1][0]) == 2 and len(text_of(outs[-1][0][-1]["content"])) > 20
+        wait_until(app_streaming, "the app's reply to stream")
+        s = Stream(other, "beside")  # the least-loaded replica: the one the app's reply is not on
+        wait_until(s.streaming, "the second stream")
+        victim = next(iter(cluster.replicas.values()))
+        victim.kill()
+        victim.wait()
+        wait_until(lambda: s.done.is_set() or job.done() or job.outputs() and ERROR_MARK in str(job.outputs()[-1][0]),
+                   "one of the two to be cut")
+        if s.done.is_set():  # the other stream was on the dead replica; the app's goes on
+            assert isinstance(s.error, BackendUnavailable)
+            job.cancel()
+        else:  # the app's reply was: the part that came stays, with a notice a visitor can read
+            history, _, stats = job.result(timeout=120)
+            assert len(text_of(history[1]["content"])) > 20
+            notice = text_of(history[-1]["content"])
+            assert notice.startswith(ERROR_MARK) and "not reachable" in notice and "127.0.0.1" not in notice
+            other.cancel("beside")
+        history, _, _ = c.predict("Still there?", "", 8, *GREEDY, api_name="/send")
+        assert not text_of(history[-1]["content"]).startswith(ERROR_MARK)  # answered by the survivor
+    finally:
+        demo.close()
+        engine.close()
+        other.close()
