@@ -176,13 +176,9 @@ class SQLiteStore(Store):
 
     def secret(self) -> str:
         """A value kept with the chats across restarts (the page encrypts its browser id with it)."""
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key='browser_secret'").fetchone()
-            if row:
-                return row[0]
-            value = secrets.token_urlsafe(24)
-            self._db.execute("INSERT INTO meta VALUES ('browser_secret', ?)", (value,))
-            return value
+        with self._lock:  # app replicas on one file agree on it: the first to write it wins
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('browser_secret', ?)", (secrets.token_urlsafe(24),))
+            return self._db.execute("SELECT value FROM meta WHERE key='browser_secret'").fetchone()[0]
 
     def _get(self, browser: str, chat_id: str) -> Chat | None:
         row = self._db.execute("SELECT data FROM chats WHERE browser=? AND id=?", (browser, chat_id)).fetchone()

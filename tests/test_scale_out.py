@@ -202,3 +202,84 @@ def test_the_app_behind_the_proxy_stays_up_when_a_replica_dies(cluster, tmp_path
         demo.close()
         engine.close()
         other.close()
+
+
+def test_one_command_starts_the_proxy_the_replicas_and_the_app(tmp_path):
+    """scripts/launch_replicas.py (synthetic replicas: no model needed): all up, the app answers
+    through the proxy, a replica that dies is started again and registers anew, SIGTERM stops
+    every process."""
+    from gradio_client import Client
+
+    from chat_ui.history import text_of
+    from test_app import GREEDY
+
+    ports = dict(proxy=free_port(), base=free_port(), app=free_port())
+    out = open(tmp_path / "launcher.log", "w")
+    launcher = subprocess.Popen([sys.executable, "scripts/launch_replicas.py", "--backend", "synthetic",
+                                 "--replicas", "2", "--host", "127.0.0.1", "--proxy-port", str(ports["proxy"]),
+                                 "--base-port", str(ports["base"]), "--app-port", str(ports["app"]),
+                                 "--log-dir", str(tmp_path / "logs"), "--", "--synthetic-tokens-per-s", "200"],
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, LMDEPLOY_CONTROLLER_HEART_BEAT_EXPIRATION="1",
+                                         APP_HISTORY_PATH=str(tmp_path / "chats.sqlite3")))
+    log = tmp_path / "launcher.log"
+    proxy = f"http://127.0.0.1:{ports['proxy']}"
+    try:
+        wait_until(lambda: "ready:" in log.read_text(), "the launcher to say ready", 300)
+        replicas = [f"http://127.0.0.1:{ports['base'] + i}" for i in range(2)]
+        assert sorted(get_json(proxy + "/nodes/status")) == replicas
+        c = Client(f"http://127.0.0.1:{ports['app']}/", verbose=False)
+        history, _, _ = c.predict("hello there", "", 16, *GREEDY, api_name="/send")
+        assert text_of(history[-1]["content"]) == "You said: hello there"
+        # a replica dies: started again, registered again
+        pid = int(subprocess.run(["pgrep", "-f", "--", f"infer_engine.server .*--port {ports['base'] + 1} "],
+                                 capture_output=True, text=True).stdout.split()[0])
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: "replica-1" in log.read_text() and "starting it again" in log.read_text(), "the restart")
+        wait_until(lambda: sorted(get_json(proxy + "/nodes/status")) == replicas, "the restarted replica registered")
+    finally:
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=60) == 0, log.read_text()
+    assert "stopped" in log.read_text()
+    for port in ports.values():  # nothing is left listening
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+@pytest.mark.slow
+def test_app_replicas_on_one_chat_store_show_the_same_chats(tmp_path, browser):
+    """Several app processes behind one address (any balancer, no sticky sessions) share the
+    SQLite store (--history-path on one disk; WAL mode): a chat written through one replica is
+    there, in the page, through the other. Behind one address a browser keeps one id in its
+    localStorage; here the two replicas have two addresses, so the test carries the id over."""
+    db, ports = tmp_path / "chats.sqlite3", [free_port(), free_port()]
+    apps = [subprocess.Popen([sys.executable, "app.py", "--backend", "synthetic", "--host", "127.0.0.1",
+                              "--port", str(port), "--history-path", str(db)], cwd=ROOT,
+                             stdout=open(tmp_path / f"app-{port}.log", "w"), stderr=subprocess.STDOUT)
+            for port in ports]  # started together: they agree on the store's secret
+    try:
+        for port in ports:
+            wait_until(lambda port=port: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status == 200,
+                       f"the app on {port}")
+        a = browser.new_page()
+        a.goto(f"http://127.0.0.1:{ports[0]}/")
+        a.locator("#input textarea").fill("written through replica one")
+        a.locator("#input textarea").press("Enter")
+        a.locator('#chatbot [data-testid="bot"]').filter(has_text="You said: written").wait_for()
+        key = a.evaluate("() => Object.keys(localStorage).find(k => k.includes('chat-app-browser'))")
+        value = a.evaluate(f"() => localStorage.getItem({json.dumps(key)})")
+        assert key and value
+        b = browser.new_page()
+        b.goto(f"http://127.0.0.1:{ports[1]}/")
+        b.evaluate(f"() => localStorage.setItem({json.dumps(key)}, {json.dumps(value)})")
+        b.reload()
+        b.locator('#chatbot [data-testid="user"]').filter(has_text="written through replica one").wait_for()
+        b.locator("#input textarea").fill("and on through replica two")
+        b.locator("#input textarea").press("Enter")
+        b.locator('#chatbot [data-testid="bot"]').filter(has_text="You said: and on").wait_for()
+        a.reload()
+        a.locator('#chatbot [data-testid="bot"]').filter(has_text="You said: and on").wait_for()
+    finally:
+        for p in apps:
+            p.send_signal(signal.SIGINT)
+            p.wait(timeout=30)
