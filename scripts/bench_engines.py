@@ -9,8 +9,10 @@ and N concurrent sessions, with ratios against the first backend.
         --concurrency 1,4 --new-tokens 64
 
 Backends: transformers, pytorch, turbomind, api (our engines; api starts our own server over a
-transformers engine unless --api-base-url is given), lmdeploy-pipeline (LMDeploy's
-`pipeline().stream_infer` called directly: the baseline our LMDeploy backend must match).
+transformers engine unless --api-base-url is given, e.g. LMDeploy's proxy in front of replicas),
+lmdeploy-pipeline (LMDeploy's `pipeline().stream_infer` called directly: the baseline our
+LMDeploy backend must match). `BACKEND@tpN` runs an LMDeploy one with tensor parallelism over
+N GPUs (`--backends pytorch,pytorch@tp2`: one GPU against two, in one run).
 """
 from __future__ import annotations
 
@@ -100,8 +102,13 @@ def run_pipeline(pipe, texts: list[str], gen_config, label: str) -> Result:
 
 
 def engine_settings(args, backend: str, model: str) -> EngineSettings:
+    backend, _, option = backend.partition("@")
     s = EngineSettings(model_path=model, backend=backend, session_len=args.session_len,
                        dtype=args.dtype)
+    if option:
+        if not option.startswith("tp") or not option[2:].isdigit():
+            raise SystemExit(f"error: {backend}@{option}: expected BACKEND@tpN")
+        s.lmdeploy.tp = int(option[2:])
     s.lmdeploy.cache_max_entry_count = args.cache_max_entry_count
     s.lmdeploy.max_batch_size = max(args.concurrency)
     return s
@@ -109,13 +116,13 @@ def engine_settings(args, backend: str, model: str) -> EngineSettings:
 
 def bench_backend(args, backend: str, model: str, sp: SamplingParams) -> list[Result]:
     results = []
-    if backend == "lmdeploy-pipeline":
+    if backend.partition("@")[0] == "lmdeploy-pipeline":
         from lmdeploy import pipeline
 
         from infer_engine.lmdeploy_backend import backend_config, generation_config
         from infer_engine.prompts import ChatPrompt
 
-        s = engine_settings(args, "pytorch", model)
+        s = engine_settings(args, backend.replace("lmdeploy-pipeline", "pytorch"), model)
         chat = ChatPrompt.from_pretrained(model, s.chat_template)
         pipe = pipeline(model, backend_config=backend_config(s), log_level="WARNING")
         gen = generation_config(sp, chat.stop_token_ids)

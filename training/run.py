@@ -78,11 +78,21 @@ def train(config: Path, s: TrainSettings, resume: bool = False) -> Path:
     # Several GPUs: what `NPROC_PER_NODE=N xtuner train` does, with our interpreter. DeepSpeed
     # on one GPU goes the same way: run as a plain process it looks for MPI (mpi4py) to find
     # its rank; under torchrun the rank comes from the environment.
-    if s.gpus > 1 or s.deepspeed:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={s.gpus}",
+    # Several hosts: XTuner's own variables (NNODES, NODE_RANK, ADDR, PORT), set on every host.
+    if s.gpus > 1 or s.deepspeed or int(os.environ.get("NNODES", "1")) > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={s.gpus}", *_multi_node(),
                "-m", "training.xtuner_tool", "train", *args, "--launcher", "pytorch"]
     run_step("train", cmd, work / "train.log", local_model=Path(s.model_path).exists())
     return work
+
+
+def _multi_node() -> list[str]:
+    """torchrun's rendezvous flags from XTuner's multi-node variables (none on one host)."""
+    nnodes = int(os.environ.get("NNODES", "1"))
+    if nnodes <= 1:
+        return []
+    return [f"--nnodes={nnodes}", f"--node_rank={os.environ.get('NODE_RANK', '0')}",
+            f"--master_addr={os.environ.get('ADDR', '127.0.0.1')}", f"--master_port={os.environ.get('PORT', '29500')}"]
 
 
 def checkpoints(work_dir: str | Path) -> list[tuple[int, Path]]:
