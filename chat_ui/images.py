@@ -12,9 +12,11 @@ images are written again when it is shown).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -65,18 +67,22 @@ def from_upload(path: Path, name: str, max_bytes: int = MAX_IMAGE_BYTES) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
 
 
+@functools.lru_cache(maxsize=1024)
+def _digest(url: str) -> str:  # a streamed reply shows the same image many times over
+    return hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
 def shown_file(url: str) -> str:
-    """A kept image (a data URL) as a file for the chat window: written once, by hash."""
-    digest = hashlib.sha256(url.encode()).hexdigest()[:32]
+    """A kept image (a data URL) as a file for the chat window: written once, by hash (again
+    if the cache sweep took it)."""
     folder = upload_folder() / "chat-images"
-    path = folder / f"{digest}.jpg"
+    path = folder / f"{_digest(url)}.jpg"
     if path.exists():
         os.utime(path)  # in use: not swept
         return str(path)
     folder.mkdir(parents=True, exist_ok=True)
-    raw = base64.b64decode(url.split(",", 1)[1])
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(raw)
+    tmp = folder / f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp"
+    tmp.write_bytes(base64.b64decode(url.split(",", 1)[1]))
     os.replace(tmp, path)
     return str(path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+from pathlib import Path
 
 import pytest
 from gradio_client import Client, handle_file
@@ -192,3 +193,12 @@ def test_the_tiny_llava_answers_an_image_turn_in_the_app(tiny_llava, tmp_path_fa
     finally:
         demo.close()
         engine.close()
+
+
+def test_a_kept_image_is_shown_again_after_the_cache_sweep(tmp_path):
+    from chat_ui.images import from_upload, shown_file
+
+    url = from_upload(picture(tmp_path / "p.png", (40, 30)), "p.png")
+    path = shown_file(url)
+    Path(path).unlink()  # what delete_cache does to a file unused for an hour
+    assert shown_file(url) == path and Image.open(path).size == (40, 30)
