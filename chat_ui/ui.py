@@ -788,6 +788,10 @@ class ChatUI:
         finally:
             for task in pending:
                 task.cancel()
+            # a cancelled task is still inside its stream until it has taken the cancellation:
+            # closing the stream before that fails ("aclose(): asynchronous generator is already
+            # running") and leaves the other stream open
+            await asyncio.gather(*pending, return_exceptions=True)
             for s in streams.values():
                 await s.aclose()
 

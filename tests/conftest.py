@@ -62,3 +62,11 @@ def _patient(make):
         obj.set_default_timeout(WAIT_MS)
         return obj
     return made
+
+
+def open_page(page, url: str) -> None:
+    """Go to the app and wait until it is interactive: its load event has run (the chat list
+    holds the visitor's chat), so the page's inputs have their handlers. Typing before that is
+    lost on a loaded machine (seen in CI: an Enter pressed into a page still mounting)."""
+    page.goto(url)
+    page.wait_for_function("() => document.querySelectorAll('#chat_list input').length > 0")

@@ -13,7 +13,7 @@ import pytest
 
 from chat_ui.settings import AppSettings
 from chat_ui.ui import ChatUI, launch
-from conftest import ROOT
+from conftest import ROOT, open_page
 from engines import Recorder, synthetic
 from infer_engine import EngineSettings, create_engine
 from infer_engine.server import free_port
@@ -76,9 +76,7 @@ def app(tmp_path_factory):
 def page(browser, app):
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     pg = ctx.new_page()
-    pg.goto(app.url)
-    pg.locator("#input textarea").wait_for()
-    pg.wait_for_function("() => document.querySelector('#chat_list') !== null")
+    open_page(pg, app.url)
     yield pg
     ctx.close()
 
@@ -278,12 +276,12 @@ def test_chat_list_new_rename_switch_delete(page, app):
 def test_another_browser_sees_none_of_these_chats(browser, app):
     a = browser.new_context()
     pa = a.new_page()
-    pa.goto(app.url)
+    open_page(pa, app.url)
     send(pa, "private to A")
     app.idle()
     b = browser.new_context()
     pb = b.new_page()
-    pb.goto(app.url)
+    open_page(pb, app.url)
     pb.locator("#input textarea").wait_for()
     pb.wait_for_timeout(500)
     open_side_panel(pb)
@@ -372,7 +370,7 @@ def test_max_new_tokens_is_capped_below_the_context(tiny_model, tmp_path, browse
     launch(demo, settings, prevent_thread_lock=True)
     try:
         pg = browser.new_page()
-        pg.goto(f"http://127.0.0.1:{settings.port}/")
+        open_page(pg, f"http://127.0.0.1:{settings.port}/")
         open_side_panel(pg)
         pg.locator("#settings button.label-wrap").click()
         top = pg.locator("#max_new input[type=range]").get_attribute("max")
@@ -393,7 +391,7 @@ def test_backend_down_shows_a_banner_and_readable_errors(browser, tmp_path):
     launch(demo, settings, prevent_thread_lock=True)
     try:
         pg = browser.new_page(viewport={"width": 1280, "height": 900})
-        pg.goto(f"http://127.0.0.1:{settings.port}/")
+        open_page(pg, f"http://127.0.0.1:{settings.port}/")
         pg.locator("#banner").get_by_text("not reachable right now").wait_for()
         send(pg, "hello")
         pg.locator('#chatbot [data-testid="bot"]').first.wait_for()
@@ -450,7 +448,7 @@ def test_a_system_prompt_shows_a_hint(browser, tmp_path):
     a = App(tmp_path, system_prompt="Answer in French.")
     try:
         pg = browser.new_page()
-        pg.goto(a.url)
+        open_page(pg, a.url)
         pg.locator("#system_hint").get_by_text("System prompt active: “Answer in French.”").wait_for()
         pg.close()
     finally:
@@ -462,7 +460,7 @@ def test_screenshots_desktop_and_phone(browser, app):
     for name, viewport in (("desktop", {"width": 1280, "height": 900}), ("phone", {"width": 390, "height": 844})):
         ctx = browser.new_context(viewport=viewport)
         pg = ctx.new_page()
-        pg.goto(app.url)
+        open_page(pg, app.url)
         pg.locator("#input textarea").wait_for()
         send(pg, "Show me $x^2$ and \\(y_1\\)")
         streaming(pg, min_words=6)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from chat_ui.settings import AppSettings
 from chat_ui.ui import ChatUI, launch
+from conftest import open_page
 from engines import synthetic
 from infer_engine.server import free_port
 from test_app_images import QUESTION, image_engine
@@ -33,7 +34,7 @@ def app(tmp_path_factory):
 def page(browser, app):
     ctx = browser.new_context(viewport={"width": 1280, "height": 900})
     pg = ctx.new_page()
-    pg.goto(app)
+    open_page(pg, app)
     pg.locator("#input textarea").wait_for()
     yield pg
     ctx.close()
@@ -101,7 +102,7 @@ def test_a_text_only_models_page_has_no_clip(browser, tmp_path):
     launch(demo, settings, prevent_thread_lock=True)
     try:
         pg = browser.new_page()
-        pg.goto(f"http://127.0.0.1:{settings.port}/")
+        open_page(pg, f"http://127.0.0.1:{settings.port}/")
         pg.locator("#input textarea").wait_for()
         assert pg.locator("#input input[type=file]").count() == 0
         pg.close()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, open_page
 from infer_engine import BackendUnavailable, EngineSettings, SamplingParams, create_engine
 from infer_engine.server import free_port
 
@@ -189,7 +189,9 @@ def test_the_app_behind_the_proxy_stays_up_when_a_replica_dies(cluster, tmp_path
                    "one of the two to be cut")
         if s.done.is_set():  # the other stream was on the dead replica; the app's goes on
             assert isinstance(s.error, BackendUnavailable)
-            job.cancel()
+            c.predict(api_name="/stop")  # Stop, as a visitor would, before the next message
+            history, _, _ = job.result(timeout=120)
+            assert not text_of(history[-1]["content"]).startswith(ERROR_MARK)
         else:  # the app's reply was: the part that came stays, with a notice a visitor can read
             history, _, stats = job.result(timeout=120)
             assert len(text_of(history[1]["content"])) > 20
@@ -262,7 +264,7 @@ def test_app_replicas_on_one_chat_store_show_the_same_chats(tmp_path, browser):
             wait_until(lambda port=port: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status == 200,
                        f"the app on {port}")
         a = browser.new_page()
-        a.goto(f"http://127.0.0.1:{ports[0]}/")
+        open_page(a, f"http://127.0.0.1:{ports[0]}/")
         a.locator("#input textarea").fill("written through replica one")
         a.locator("#input textarea").press("Enter")
         a.locator('#chatbot [data-testid="bot"]').filter(has_text="You said: written").wait_for()
@@ -270,7 +272,7 @@ def test_app_replicas_on_one_chat_store_show_the_same_chats(tmp_path, browser):
         value = a.evaluate(f"() => localStorage.getItem({json.dumps(key)})")
         assert key and value
         b = browser.new_page()
-        b.goto(f"http://127.0.0.1:{ports[1]}/")
+        open_page(b, f"http://127.0.0.1:{ports[1]}/")
         b.evaluate(f"() => localStorage.setItem({json.dumps(key)}, {json.dumps(value)})")
         b.reload()
         b.locator('#chatbot [data-testid="user"]').filter(has_text="written through replica one").wait_for()
