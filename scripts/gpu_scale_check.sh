@@ -8,7 +8,8 @@
 #          (bench_engines --backends api); then 2 replicas again, one killed mid-run
 #   scripts/gpu_scale_check.sh train   carry .whl-train (prepare_gpu_wheels.sh --train):
 #       the training pipeline, LoRA + DeepSpeed ZeRO-2, InternLM2-1.8B shape, gpus: 1 vs gpus: 2
-# Output in $OUT (default /tmp/gpu-check): scale-*.txt.
+# Output in $OUT (default /tmp/gpu-check): scale-*.txt. On one GPU: TP=0 REPLICA_SETS="0" runs the
+# one-replica leg alone (the launcher, the proxy and the bench client, checked end to end).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}; mkdir -p "$out" gpu-work
@@ -19,11 +20,12 @@ if [ "$what" = serve ]; then
   tar xzf .whl/lmdeploy-pt.tgz -C /tmp/site
   export PYTHONPATH=/tmp/site:$PWD
   nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader | tee "$out/scale-gpus.txt"
-  python3 scripts/bench_engines.py --shape internlm2-7b --backends pytorch,pytorch@tp2 --concurrency 1,64 \
-      --new-tokens 256 2>&1 | tee "$out/scale-tp.txt"
+  [ "${TP:-1}" = 0 ] || python3 scripts/bench_engines.py --shape internlm2-7b --backends pytorch,pytorch@tp2 \
+      --concurrency 1,64 --new-tokens 256 2>&1 | tee "$out/scale-tp.txt"
   [ -d gpu-work/internlm2-1.8b ] || python3 scripts/build_tiny_model.py --shape internlm2-1.8b --device cuda \
       --out gpu-work/internlm2-1.8b
-  for gpus in "0" "0 1"; do
+  IFS=';' read -ra sets <<< "${REPLICA_SETS:-0;0 1}"
+  for gpus in "${sets[@]}"; do
     n=$(echo $gpus | wc -w)
     python3 scripts/launch_replicas.py --model-path gpu-work/internlm2-1.8b --backend pytorch --gpus $gpus \
         --no-app --host 127.0.0.1 --proxy-port 18000 --log-dir "$out/replicas-$n" -- --session-len 4096 \
@@ -35,7 +37,7 @@ if [ "$what" = serve ]; then
         2>&1 | tee "$out/scale-replicas-$n.txt"
     kill -TERM $launcher; wait $launcher || true
   done
-  python3 - "$out" <<'PY' | tee "$out/scale-table.txt"
+  [ ${#sets[@]} -lt 2 ] || python3 - "$out" <<'PY' | tee "$out/scale-table.txt"
 import re, sys
 from pathlib import Path
 out = Path(sys.argv[1])

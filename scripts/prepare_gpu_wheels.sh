@@ -33,4 +33,8 @@ bash ../shared/gpu-host/wheels.sh --gradio .whl
 python3 -m pip download -q "${any[@]}" -d .whl pytest==9.2.0 iniconfig pluggy packaging pygments httpx2 \
     httpcore2 truststore h11 sniffio loguru==0.7.3 anyio idna
 python3 -m pip download -q "${linux[@]}" -d .whl uvloop==0.23.0 httptools==0.9.0 psutil
+# LMDeploy's request router (lmdeploy serve proxy, scripts/launch_replicas.py): aiohttp and its parts
+python3 -m pip download -q "${any[@]}" -d .whl aiohappyeyeballs==2.7.1 aiosignal==1.4.0 attrs==26.1.0
+python3 -m pip download -q "${linux[@]}" -d .whl aiohttp==3.14.5 multidict==7.2.1 yarl==1.25.1 \
+    frozenlist==1.8.0 propcache==0.5.4
 du -sh .whl
