@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from infer_engine.errors import InvalidRequest
-from infer_engine.images import MAX_IMAGE_BYTES, load_image
+from infer_engine.images import MAX_IMAGE_BYTES, data_url, load_image
 
 MAX_SIDE = 1024
 MAX_IMAGES_PER_MESSAGE = 4
@@ -55,12 +55,7 @@ def uploaded_paths(files: Any) -> list[Path]:
 def from_upload(path: Path, name: str, max_bytes: int = MAX_IMAGE_BYTES) -> str:
     """An uploaded image as the data URL the chat keeps (a JPEG of at most MAX_SIDE a side), or
     InvalidRequest naming the file."""
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise InvalidRequest(f"{name}: {size / 2**20:.1f} MB is larger than the {max_bytes / 2**20:g} MB limit",
-                             param="files")
-    raw = path.read_bytes()
-    image = load_image(f"data:image/png;base64,{base64.b64encode(raw).decode()}", name)
+    image = load_image(data_url(path, max_bytes, name), name)
     image.thumbnail((MAX_SIDE, MAX_SIDE))
     out = io.BytesIO()
     image.save(out, "JPEG", quality=90)
@@ -86,14 +81,3 @@ def shown_file(url: str) -> str:
     os.replace(tmp, path)
     return str(path)
 
-
-def check_kept(urls: Any, where: str) -> list[str]:
-    """Images of an imported chat: data URLs of readable images, or ValueError."""
-    if not isinstance(urls, list) or len(urls) > MAX_IMAGES_PER_MESSAGE:
-        raise ValueError(f"{where}.images: expected at most {MAX_IMAGES_PER_MESSAGE} data URLs")
-    for j, url in enumerate(urls):
-        try:
-            load_image(url, f"{where}.images[{j}]")
-        except InvalidRequest as exc:
-            raise ValueError(exc.message) from None
-    return list(urls)

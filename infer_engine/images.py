@@ -67,12 +67,15 @@ def load_image(url: Any, where: str) -> Any:
         raise InvalidRequest(f"{where}: not a readable image ({type(exc).__name__}: {exc})", param=where) from None
 
 
-def data_url(path: str | Path) -> str:
-    """A local image file as a data URL (the terminal chat's way in)."""
+def data_url(path: str | Path, max_bytes: int = MAX_IMAGE_BYTES, name: str | None = None) -> str:
+    """A local image file as a data URL (the terminal chat's and the app's way in); larger than
+    max_bytes is an InvalidRequest naming the file as `name` (default: its path)."""
     path = Path(path)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise InvalidRequest(f"{name or path}: {size / 2**20:.1f} MB is larger than the {max_bytes / 2**20:g} MB "
+                             "limit", param="image")
     raw = path.read_bytes()
-    if len(raw) > MAX_IMAGE_BYTES:
-        raise InvalidRequest(f"{path}: the image is larger than {MAX_IMAGE_BYTES // 2**20} MB", param="image")
     kind = {".jpg": "jpeg", ".jpeg": "jpeg", ".gif": "gif", ".webp": "webp", ".bmp": "bmp"}.get(
         path.suffix.lower(), "png")
     return f"data:image/{kind};base64,{base64.b64encode(raw).decode()}"

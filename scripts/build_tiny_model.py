@@ -132,14 +132,16 @@ def build(out: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv
     return _save(out, model, tokenizer)
 
 
-def _save(out: Path, model, tokenizer_or_processor) -> Path:
-    """Write the model folder atomically (a temp folder renamed into place)."""
+def _save(out: Path, model, companion, finish=None) -> Path:
+    """Write the model folder atomically (a temp folder renamed into place): the model, its
+    tokenizer / processor (`companion`), then `finish(folder)` (default: the tokenizer config
+    made portable)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer_or_processor.save_pretrained(tmp)
-        _make_tokenizer_config_portable(tmp)
+        companion.save_pretrained(tmp)
+        (finish or _make_tokenizer_config_portable)(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -183,23 +185,11 @@ def build_clip(out: str | Path, image_size: int = 64, patch: int = 8, hidden: in
     config = CLIPVisionConfig(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
                               num_attention_heads=heads, image_size=image_size, patch_size=patch,
                               projection_dim=hidden)
-    out = Path(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
-        with torch.device(device):
-            model = CLIPVisionModel(config)
-        model.save_pretrained(tmp, safe_serialization=True)
-        _legacy_clip_keys(tmp / "model.safetensors")
-        CLIPImageProcessor(size={"shortest_edge": image_size},
-                           crop_size={"height": image_size, "width": image_size}).save_pretrained(tmp)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.move(str(tmp), out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    with torch.device(device):
+        model = CLIPVisionModel(config)
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                   crop_size={"height": image_size, "width": image_size})
+    return _save(Path(out), model, processor, finish=lambda folder: _legacy_clip_keys(folder / "model.safetensors"))
 
 
 def _legacy_clip_keys(path: Path) -> None:

@@ -209,6 +209,8 @@ def finetune_summary(s: LlavaSettings, records: list[dict], log: Path) -> str:
 
     line = summary(log)
     m = re.search(r"([\d.]+) s/iter", line)
+    if not m or "tokens/s" in line:  # nothing to divide by, or XTuner counted the tokens itself
+        return line
     try:
         v = json.loads((Path(s.visual_encoder_path) / "config.json").read_text(encoding="utf-8"))
         v = v.get("vision_config", v)
@@ -220,8 +222,6 @@ def finetune_summary(s: LlavaSettings, records: list[dict], log: Path) -> str:
     lengths = [min(s.max_length, image_tokens + sum(len(tok(t["value"]).input_ids) for t in r["conversations"]))
                for r in sample]
     per_sample = sum(lengths) / max(1, len(lengths))
-    if not m or "tokens/s" in line:
-        return line
     tps = s.batch_size * per_sample / float(m.group(1))
     per = "GPU" if "peak memory" in line else "process"
     return line + f", {tps:,.0f} tokens/s/{per} ({s.batch_size} x {per_sample:.0f} tokens per sample, " \
