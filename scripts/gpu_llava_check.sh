@@ -42,34 +42,37 @@ else
   [ -d gpu-work/llava-hf ] || { echo "no gpu-work/llava-hf: train first"; exit 1; }
   # a file, not stdin: LMDeploy's engine starts processes that import __main__
   cat > gpu-work/llava_serve.py <<'PY'
-import json, time
+import json
+import os
+import time
 from pathlib import Path
+
 from infer_engine import EngineSettings, SamplingParams, create_engine
 from infer_engine.images import data_url
 
-import os
-
 
 def main():
-  recs = json.loads(Path("gpu-work/shapes/test.json").read_text())[:4]
-  for backend in os.environ.get("BACKENDS", "transformers pytorch").split():
-      try:
-          t0 = time.time()
-          with create_engine(EngineSettings(model_path="gpu-work/llava-hf", backend=backend, session_len=4096)) as e:
-              print(f"{backend}: loaded in {time.time() - t0:.0f} s, accepts_images={e.accepts_images}", flush=True)
-              for r in recs:
-                  msg = [{"role": "user", "content": [
-                      {"type": "image_url", "image_url": {"url": data_url(Path("gpu-work/shapes/images") / r["image"])}},
-                      {"type": "text", "text": r["conversations"][0]["value"].replace("<image>", "").strip()}]}]
-                  text, usage = e.chat(msg, SamplingParams(max_new_tokens=12, temperature=0))
-                  print(f"  {r['image']}: {text!r} (prompt {usage.prompt_tokens} tokens, "
-                        f"first token {usage.ttft_s * 1000:.0f} ms, {usage.decode_tokens_per_s or 0:.0f} tok/s)", flush=True)
-      except Exception as exc:  # say exactly why, then go on with the other backend
-          print(f"{backend}: FAILED {type(exc).__name__}: {str(exc)[:600]}", flush=True)
+    recs = json.loads(Path("gpu-work/shapes/test.json").read_text())[:4]
+    for backend in os.environ.get("BACKENDS", "transformers pytorch").split():
+        try:
+            t0 = time.time()
+            with create_engine(EngineSettings(model_path="gpu-work/llava-hf", backend=backend,
+                                              session_len=4096)) as e:
+                print(f"{backend}: loaded in {time.time() - t0:.0f} s, accepts_images={e.accepts_images}", flush=True)
+                for r in recs:
+                    url = data_url(Path("gpu-work/shapes/images") / r["image"])
+                    question = r["conversations"][0]["value"].replace("<image>", "").strip()
+                    msg = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                        {"type": "text", "text": question}]}]
+                    text, usage = e.chat(msg, SamplingParams(max_new_tokens=12, temperature=0))
+                    print(f"  {r['image']}: {text!r} (prompt {usage.prompt_tokens} tokens, first token "
+                          f"{usage.ttft_s * 1000:.0f} ms, {usage.decode_tokens_per_s or 0:.0f} tok/s)", flush=True)
+        except Exception as exc:  # say exactly why, then go on with the other backend
+            print(f"{backend}: FAILED {type(exc).__name__}: {str(exc)[:600]}", flush=True)
 
 
 if __name__ == "__main__":
-  main()
+    main()
 PY
   PYTHONPATH=/tmp/site:$PWD python3 gpu-work/llava_serve.py 2>&1 | tee "$out/llava-serve.txt"
 fi
