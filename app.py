@@ -21,8 +21,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from chat_ui.store import StoreError
     from chat_ui.ui import ChatUI, launch  # Gradio is imported only once settings are good
-    launch(ChatUI(engine, app, compare=compare).build(), app)
+    try:
+        ui = ChatUI(engine, app, compare=compare)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    launch(ui.build(), app)
     return 0
 
 

@@ -20,7 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+SETUP_WAIT_S = 60.0  # how long a starting app waits for another process holding the store
 BROWSER_ID = re.compile(r"^[A-Za-z0-9_-]{32,64}$")
+
+
+class StoreError(Exception):
+    """The chat store cannot be opened (one line, naming the file)."""
 
 
 def new_browser_id() -> str:
@@ -165,14 +170,34 @@ class SQLiteStore(Store):
     def __init__(self, path: str | Path, **kw: Any):
         super().__init__(**kw)
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS chats (browser TEXT NOT NULL, id TEXT NOT NULL, "
-                         "updated REAL NOT NULL, data TEXT NOT NULL, PRIMARY KEY (browser, id))")
-        self._db.execute("CREATE INDEX IF NOT EXISTS chats_updated ON chats (updated)")
-        self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=10)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"{self.path}: cannot be used as the chat store: {exc}") from exc
+        self._set_up(SETUP_WAIT_S)
+
+    def _set_up(self, wait_s: float) -> None:
+        """WAL mode and the tables. App replicas started together on one new file race for the
+        switch to WAL, and SQLite answers the loser "database is locked" at once (its busy
+        timeout is not applied to that lock): try again until the winner is done."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("CREATE TABLE IF NOT EXISTS chats (browser TEXT NOT NULL, id TEXT NOT NULL, "
+                                 "updated REAL NOT NULL, data TEXT NOT NULL, PRIMARY KEY (browser, id))")
+                self._db.execute("CREATE INDEX IF NOT EXISTS chats_updated ON chats (updated)")
+                self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise StoreError(f"{self.path}: cannot be used as the chat store: {exc}") from exc
+                if time.monotonic() > deadline:
+                    raise StoreError(f"{self.path}: the chat store is locked by another process "
+                                     f"(still after {wait_s:.0f} s)") from exc
+                time.sleep(0.02 + 0.08 * secrets.randbelow(100) / 100)  # apart, not in step
 
     def secret(self) -> str:
         """A value kept with the chats across restarts (the page encrypts its browser id with it)."""

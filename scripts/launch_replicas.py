@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -63,12 +64,33 @@ class Child:
             self.proc.wait()
 
 
+    def last_line(self) -> str:
+        """The last line its log has (where a replica says why it stopped)."""
+        try:
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        return lines[-1].strip()[-300:] if lines else ""
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def wait_for(check, what: str, children: list[Child], timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         for c in children:
             if not c.alive():
-                raise SystemExit(f"error: {c.name} exited while starting (see {c.log_path})")
+                why = c.last_line()
+                raise SystemExit(f"error: {c.name} exited with {c.proc.returncode} while starting"
+                                 + (f": {why}" if why else "") + f" (log {c.log_path})")
         try:
             if check():
                 return
@@ -126,6 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "app.py", "--backend", "api", "--api-base-url", f"{proxy_url}/v1", "--api-model", name,
         "--host", a.host, "--port", str(a.app_port)], log_dir)
     everyone = [proxy] + [c for _, c in nodes] + ([app] if app else [])
+    ports = [(a.host, a.proxy_port, "the proxy")] + [("127.0.0.1", a.base_port + i, f"replica-{i}")
+                                                     for i in range(replicas)]
+    for host, port, who in ports + ([(a.host, a.app_port, "the app")] if app else []):
+        if port_in_use(host, port):
+            p.error(f"port {port} ({who}) is in use on {host}: stop what listens there or choose another "
+                    + ("--base-port" if who.startswith("replica") else f"--{who.split()[-1]}-port"))
 
     stopping = False
 
@@ -154,11 +182,12 @@ def main(argv: list[str] | None = None) -> int:
                 if not c.alive() and not stopping:
                     c.restarts += 1
                     print(f"{c.name} ({url}) exited with {c.proc.returncode}: starting it again "
-                          f"(restart {c.restarts}; log {c.log_path})", flush=True)
+                          f"(restart {c.restarts}; its last line: {c.last_line()!r}; log {c.log_path})", flush=True)
                     c.start()
             for c in [proxy] + ([app] if app else []):
                 if not c.alive() and not stopping:
-                    print(f"error: {c.name} exited with {c.proc.returncode} (see {c.log_path}); stopping", flush=True)
+                    print(f"error: {c.name} exited with {c.proc.returncode}: {c.last_line()!r} (log {c.log_path}); "
+                          "stopping", flush=True)
                     return 1
         return 0
     finally:

@@ -323,6 +323,16 @@ def test_app_refuses_a_missing_model_with_one_clear_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "nope" in r.stderr
 
 
+def test_a_chat_store_that_cannot_be_opened_is_one_clear_line(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    r = subprocess.run([sys.executable, "app.py", "--backend", "synthetic", "--history-path",
+                        str(tmp_path / "a-file" / "chats.sqlite3")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'a-file' / 'chats.sqlite3'}: "
+                                                         "cannot be used as the chat store")
+
+
 def test_api_compare_with_the_same_remote_model_is_refused(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "app.py"), "--backend", "api", "--api-model", "m",
                         "--compare-model-path", "m"], cwd=tmp_path, capture_output=True, text=True,

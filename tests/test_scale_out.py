@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -45,6 +46,29 @@ def wait_until(check, what: str, timeout: float = 120):
             pass
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def free_ports_in_a_row(n: int) -> int:
+    """A first port p such that p .. p+n-1 are all free (the launcher's --base-port)."""
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+        return True
+    while True:
+        first = free_port()
+        if all(free(first + i) for i in range(1, n)):
+            return first
+
+
+def logs_of(folder: Path) -> str:
+    """Every log under folder, its last lines: what a failure report needs."""
+    parts = []
+    for f in sorted(folder.rglob("*.log")):
+        parts.append(f"--- {f.relative_to(folder)}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-25:]))
+    return "\n".join(parts)
 
 
 class Cluster:
@@ -215,7 +239,7 @@ def test_one_command_starts_the_proxy_the_replicas_and_the_app(tmp_path):
     from chat_ui.history import text_of
     from test_app import GREEDY
 
-    ports = dict(proxy=free_port(), base=free_port(), app=free_port())
+    ports = dict(proxy=free_port(), base=free_ports_in_a_row(2), app=free_port())
     out = open(tmp_path / "launcher.log", "w")
     launcher = subprocess.Popen([sys.executable, "scripts/launch_replicas.py", "--backend", "synthetic",
                                  "--replicas", "2", "--host", "127.0.0.1", "--proxy-port", str(ports["proxy"]),
@@ -227,7 +251,9 @@ def test_one_command_starts_the_proxy_the_replicas_and_the_app(tmp_path):
     log = tmp_path / "launcher.log"
     proxy = f"http://127.0.0.1:{ports['proxy']}"
     try:
-        wait_until(lambda: "ready:" in log.read_text(), "the launcher to say ready", 300)
+        wait_until(lambda: "ready:" in log.read_text() or launcher.poll() is not None, "the launcher to say ready",
+                   300)
+        assert "ready:" in log.read_text(), logs_of(tmp_path)
         replicas = [f"http://127.0.0.1:{ports['base'] + i}" for i in range(2)]
         assert sorted(get_json(proxy + "/nodes/status")) == replicas
         c = Client(f"http://127.0.0.1:{ports['app']}/", verbose=False)
@@ -241,11 +267,27 @@ def test_one_command_starts_the_proxy_the_replicas_and_the_app(tmp_path):
         wait_until(lambda: sorted(get_json(proxy + "/nodes/status")) == replicas, "the restarted replica registered")
     finally:
         launcher.send_signal(signal.SIGTERM)
-        assert launcher.wait(timeout=60) == 0, log.read_text()
+        assert launcher.wait(timeout=60) == 0, logs_of(tmp_path)
     assert "stopped" in log.read_text()
     for port in ports.values():  # nothing is left listening
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+
+
+def test_the_launcher_refuses_a_port_in_use_naming_it(tmp_path):
+    base = free_ports_in_a_row(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", base + 1))
+        taken.listen()
+        r = subprocess.run([sys.executable, "scripts/launch_replicas.py", "--backend", "synthetic", "--replicas", "2",
+                            "--host", "127.0.0.1", "--proxy-port", str(free_port()), "--base-port", str(base),
+                            "--no-app", "--log-dir", str(tmp_path / "logs")], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        f"error: port {base + 1} (replica-1) is in use on 127.0.0.1: stop what listens there or choose another "
+        "--base-port")
+    assert not list((tmp_path / "logs").glob("*.log"))  # nothing was started
 
 
 @pytest.mark.slow
@@ -260,9 +302,10 @@ def test_app_replicas_on_one_chat_store_show_the_same_chats(tmp_path, browser):
                              stdout=open(tmp_path / f"app-{port}.log", "w"), stderr=subprocess.STDOUT)
             for port in ports]  # started together: they agree on the store's secret
     try:
-        for port in ports:
-            wait_until(lambda port=port: urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status == 200,
-                       f"the app on {port}")
+        for port, proc in zip(ports, apps):
+            wait_until(lambda port=port, proc=proc: proc.poll() is not None or urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/", timeout=5).status == 200, f"the app on {port}")
+            assert proc.poll() is None, logs_of(tmp_path)
         a = browser.new_page()
         open_page(a, f"http://127.0.0.1:{ports[0]}/")
         a.locator("#input textarea").fill("written through replica one")

@@ -107,3 +107,43 @@ def test_import_refuses_what_is_not_a_chat(text, match):
 
 def test_bare_message_lists_import_too():
     assert chat_from_json(json.dumps([U, A])).messages == [U, A]
+
+
+OPEN_TOGETHER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from chat_ui.store import SQLiteStore
+for r in range({rounds}):  # all processes keep one clock: round r starts at start + r * step
+    time.sleep(max(0.0, {start} + r * {step} - time.time()))
+    print(SQLiteStore(f"{folder}/chats{{r}}.sqlite3").secret(), flush=True)
+"""
+
+
+def test_app_replicas_opening_one_new_store_together_all_start_and_agree(tmp_path):
+    """Processes opening one new file at the same moment (app replicas started together), many
+    times over: each open succeeds, none meets "database is locked" (SQLite answers the loser of
+    the switch to WAL at once, without its busy timeout), and on each file all read one secret."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    rounds, procs = 60, 6
+    code = OPEN_TOGETHER.format(root=str(ROOT), rounds=rounds, start=time.time() + 5, step=0.08, folder=str(tmp_path))
+    ps = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for _ in range(procs)]
+    results = [p.communicate(timeout=300) for p in ps]
+    assert all(p.returncode == 0 for p in ps), [err.strip().splitlines()[-1] for _, err in results if err.strip()]
+    secrets_per_file = list(zip(*[out.split() for out, _ in results]))
+    assert len(secrets_per_file) == rounds and all(len(set(s)) == 1 for s in secrets_per_file)
+
+
+def test_a_store_path_that_cannot_be_used_is_one_line_naming_it(tmp_path):
+    from chat_ui.store import StoreError
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(StoreError, match=r"a-file/chats.sqlite3: cannot be used as the chat store"):
+        SQLiteStore(tmp_path / "a-file" / "chats.sqlite3")
+    (tmp_path / "a-folder.sqlite3").mkdir()
+    with pytest.raises(StoreError, match=r"a-folder.sqlite3: cannot be used as the chat store"):
+        SQLiteStore(tmp_path / "a-folder.sqlite3")
