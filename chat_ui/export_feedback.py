@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .settings import AppSettings
-from .store import SQLiteStore, training_messages
+from .store import SQLiteStore, StoreError, training_messages
 
 
 def export(history_path: str, out: str, liked_only: bool = True) -> int:
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         n = export(a.history_path, a.out, liked_only=not a.all)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{a.out}: {n} {'liked ' if not a.all else ''}conversation{'s' if n != 1 else ''}")

@@ -191,7 +191,7 @@ class SQLiteStore(Store):
                 self._db.execute("CREATE INDEX IF NOT EXISTS chats_updated ON chats (updated)")
                 self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
                 return
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:  # not a database, read-only, locked
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise StoreError(f"{self.path}: cannot be used as the chat store: {exc}") from exc
                 if time.monotonic() > deadline:

@@ -147,3 +147,6 @@ def test_a_store_path_that_cannot_be_used_is_one_line_naming_it(tmp_path):
     (tmp_path / "a-folder.sqlite3").mkdir()
     with pytest.raises(StoreError, match=r"a-folder.sqlite3: cannot be used as the chat store"):
         SQLiteStore(tmp_path / "a-folder.sqlite3")
+    (tmp_path / "notes.txt").write_text("not a database, " * 100)
+    with pytest.raises(StoreError, match=r"notes.txt: cannot be used as the chat store: file is not a database"):
+        SQLiteStore(tmp_path / "notes.txt")
