@@ -63,7 +63,6 @@ class Child:
             self.proc.kill()
             self.proc.wait()
 
-
     def last_line(self) -> str:
         """The last line its log has (where a replica says why it stopped)."""
         try:
@@ -148,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "app.py", "--backend", "api", "--api-base-url", f"{proxy_url}/v1", "--api-model", name,
         "--host", a.host, "--port", str(a.app_port)], log_dir)
     everyone = [proxy] + [c for _, c in nodes] + ([app] if app else [])
-    ports = [(a.host, a.proxy_port, "the proxy")] + [("127.0.0.1", a.base_port + i, f"replica-{i}")
-                                                     for i in range(replicas)]
-    for host, port, who in ports + ([(a.host, a.app_port, "the app")] if app else []):
+    ports = [(a.host, a.proxy_port, "the proxy", "--proxy-port")]
+    ports += [("127.0.0.1", a.base_port + i, f"replica-{i}", "--base-port") for i in range(replicas)]
+    ports += [(a.host, a.app_port, "the app", "--app-port")] if app else []
+    for host, port, who, flag in ports:  # before anything starts: a clear line, not a child dying later
         if port_in_use(host, port):
-            p.error(f"port {port} ({who}) is in use on {host}: stop what listens there or choose another "
-                    + ("--base-port" if who.startswith("replica") else f"--{who.split()[-1]}-port"))
+            p.error(f"port {port} ({who}) is in use on {host}: stop what listens there or choose another {flag}")
 
     stopping = False
 
