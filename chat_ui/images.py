@@ -62,8 +62,10 @@ def from_upload(path: Path, name: str, max_bytes: int = MAX_IMAGE_BYTES) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode()
 
 
-@functools.lru_cache(maxsize=1024)
-def _digest(url: str) -> str:  # a streamed reply shows the same image many times over
+# A streamed reply shows its chat's images on every update: their hashes are kept for the
+# images in use. The cache holds its keys, the data URLs (up to ~1 MB each): 64 of them.
+@functools.lru_cache(maxsize=64)
+def _digest(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:32]
 
 

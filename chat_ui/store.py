@@ -11,6 +11,7 @@ size cap per browser (oldest chats go first, and the caller is told) and a reten
 from __future__ import annotations
 
 import json
+import random
 import re
 import secrets
 import sqlite3
@@ -197,7 +198,7 @@ class SQLiteStore(Store):
                 if time.monotonic() > deadline:
                     raise StoreError(f"{self.path}: the chat store is locked by another process "
                                      f"(still after {wait_s:.0f} s)") from exc
-                time.sleep(0.02 + 0.08 * secrets.randbelow(100) / 100)  # apart, not in step
+                time.sleep(random.uniform(0.02, 0.1))  # apart, not in step
 
     def secret(self) -> str:
         """A value kept with the chats across restarts (the page encrypts its browser id with it)."""

@@ -79,8 +79,9 @@ def train(config: Path, s: TrainSettings, resume: bool = False) -> Path:
     # on one GPU goes the same way: run as a plain process it looks for MPI (mpi4py) to find
     # its rank; under torchrun the rank comes from the environment.
     # Several hosts: XTuner's own variables (NNODES, NODE_RANK, ADDR, PORT), set on every host.
-    if s.gpus > 1 or s.deepspeed or int(os.environ.get("NNODES", "1")) > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={s.gpus}", *_multi_node(),
+    hosts = _multi_node()
+    if s.gpus > 1 or s.deepspeed or hosts:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={s.gpus}", *hosts,
                "-m", "training.xtuner_tool", "train", *args, "--launcher", "pytorch"]
     run_step("train", cmd, work / "train.log", local_model=Path(s.model_path).exists())
     return work
