@@ -147,7 +147,9 @@ class StopStringFilter:
 
 class _TrailingReplacementHold:
     """Holds back U+FFFD at the end of the text so far: a stream cut at max_new_tokens in the
-    middle of a multi-byte character must not end in a replacement character."""
+    middle of a multi-byte character must not end in a replacement character. A reply that
+    ended otherwise (its end of turn, a stop string a remote server cut at) keeps what the
+    model wrote, invalid bytes included, as the same reply read whole does."""
 
     def __init__(self) -> None:
         self.held = ""
@@ -157,6 +159,10 @@ class _TrailingReplacementHold:
         kept = text.rstrip("\ufffd")
         self.held = text[len(kept):]
         return kept
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
 
 
 T = TypeVar("T")
@@ -412,8 +418,11 @@ class Engine(abc.ABC):
                         break
             finally:
                 backend.close()  # the backend stops and cleans up at once
+            ended = finish or ("length" if meter.tokens >= gen.sampling.max_new_tokens else "stop")
             if not stop.stopped:
-                text = stop.flush()
+                held = hold.flush()
+                text = stop.feed(held) if ended != "length" and not gen.cancelled.is_set() else ""
+                text += stop.flush()
                 if text:
                     yield Delta(text)
             if gen.cancelled.is_set():
@@ -421,7 +430,7 @@ class Engine(abc.ABC):
             elif stop.stopped:
                 reason = "stop"
             else:
-                reason = finish or ("length" if meter.tokens >= gen.sampling.max_new_tokens else "stop")
+                reason = ended
             yield Delta("", meter.usage(reason))
         finally:
             self._sessions.remove(gen.session_id, gen)

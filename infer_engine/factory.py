@@ -10,8 +10,8 @@ from .sources import resolve_model
 
 def create_engine(settings: EngineSettings) -> Engine:
     """Validate the settings, fetch the model when it lives on a hub (openxlab://,
-    modelscope://, hf://: cached, resumable) and start the backend."""
-    settings.validate()
+    modelscope://, hf://: cached, resumable) and start the backend (`auto`: see auto_backend)."""
+    settings = settings.validate().resolved()
     if settings.backend == "api":
         from .api_backend import ApiEngine
         return ApiEngine(settings)

@@ -9,14 +9,14 @@ text neutralised the same way. LMDeploy is imported lazily.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .architectures import is_vision_model
 from .base import Engine, Generation, Piece
 from .errors import ContextOverflow, EngineError, InvalidRequest
 from .prompts import ChatPrompt
-from .settings import EngineSettings, SamplingParams
+from .settings import EngineSettings, SamplingParams, check_schema
 
 
 def backend_config(settings: EngineSettings) -> Any:
@@ -77,6 +77,12 @@ class LMDeployEngine(Engine):
         # its VLM pipeline, which encodes the images with the model's own vision tower
         self.accepts_images = is_vision_model(settings.model_path)
 
+    def check_features(self, sampling: SamplingParams) -> SamplingParams:
+        sampling = super().check_features(sampling)
+        if sampling.response_format:  # LMDeploy would fail inside its engine loop (a 500)
+            check_schema(sampling.response_format)
+        return sampling
+
     def _prepare(self, messages: Sequence[Any], sampling: SamplingParams | None, session_id: str,
                  continue_final: bool = False) -> Generation:
         gen = super()._prepare(messages, sampling, session_id, continue_final)
@@ -124,15 +130,6 @@ class LMDeployEngine(Engine):
     def close(self) -> None:
         self.cancel_all()
         self.pipe.close()
-
-
-def is_vision_model(model_path: str) -> bool:
-    """A model folder whose config has a vision tower (what LMDeploy serves as a VLM)."""
-    try:
-        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and "vision_config" in config
 
 
 def vl_messages(messages: Sequence[dict], prompt: ChatPrompt) -> list[dict]:

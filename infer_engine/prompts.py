@@ -98,7 +98,10 @@ class ChatPrompt:
 
     _PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
 
-    def __init__(self, tokenizer: Any, template: str = "auto", model_type: str = ""):
+    def __init__(self, tokenizer: Any, template: str = "auto", model_type: str = "",
+                 eos_token_ids: Sequence[int] = ()):
+        """`eos_token_ids`: the model's own end ids (its generation_config), which end a reply too
+        (InternLM2's hub tokenizers name </s> as EOS; a chat turn ends with <|im_end|>)."""
         self.tokenizer = tokenizer
         self._fast = _FastEncoders.of(tokenizer)
         # HF tokenizers flip shared state for split_special_tokens on every call, so concurrent
@@ -123,14 +126,24 @@ class ChatPrompt:
                                  f"got {template!r}", param="chat_template")
         self.image_tokens = ""  # a vision-language backend sets its image placeholder run here
         self.stop_words = self._stop_words()
-        self.stop_token_ids = self._single_token_ids(self.stop_words)
+        self.stop_token_ids = list(dict.fromkeys(self._single_token_ids(self.stop_words) + list(eos_token_ids)))
 
     @classmethod
     def from_pretrained(cls, model_path: str, template: str = "auto") -> "ChatPrompt":
-        from transformers import AutoConfig, AutoTokenizer
+        """For engines that load the model themselves (LMDeploy, which runs the folder's own
+        tokenizer code too): the tokenizer, and the model type and end ids read from the folder's
+        config files (no model code runs here)."""
+        from transformers import AutoTokenizer
 
-        model_type = getattr(AutoConfig.from_pretrained(model_path, trust_remote_code=True), "model_type", "")
-        return cls(AutoTokenizer.from_pretrained(model_path, trust_remote_code=True), template, model_type)
+        from .architectures import internlm2_config, read_config, read_eos_ids
+
+        raw = read_config(model_path)
+        model_type = str(raw.get("model_type", ""))
+        # InternLM2's config as transformers' own class: AutoTokenizer would otherwise run the
+        # folder's configuration code (which transformers 5 only half reads) to look at it
+        config = internlm2_config(raw, 0) if model_type == "internlm2" else None
+        return cls(AutoTokenizer.from_pretrained(model_path, trust_remote_code=True, config=config), template,
+                   model_type, read_eos_ids(model_path))
 
     # -- rendering -------------------------------------------------------------------
     def segments(self, messages: Sequence[dict], continue_final: bool = False) -> list[Segment]:

@@ -17,7 +17,7 @@ from .errors import InvalidRequest
 from .sources import DEFAULT_CACHE, SOURCES
 
 ENV_PREFIX = "ENGINE_"
-BACKENDS = ("transformers", "turbomind", "pytorch", "api", "synthetic")
+BACKENDS = ("auto", "transformers", "turbomind", "pytorch", "api", "synthetic")
 
 
 def _help(text: str, **kw: Any) -> dict:
@@ -53,6 +53,12 @@ class TransformersSettings:
     max_batch_size: int = field(default=0, metadata=_help(
         "transformers: sessions decoded together (continuous batching); 0: 8 on a CPU, 64 on a GPU; "
         "1: one at a time"))
+    compile: str = field(default="auto", metadata=_help(
+        "transformers: a lone stream decodes through a static KV cache and a compiled step (CUDA graphs), "
+        "compiled once at start-up; auto: on a GPU", choices=("auto", "on", "off")))
+    cb_options: str = field(default="", metadata=_help(
+        "transformers: JSON of extra ContinuousBatchingConfig fields for the batch (tuning), e.g. "
+        "'{\"use_cuda_graph\": true}'"))
 
 
 @dataclass
@@ -73,7 +79,10 @@ class EngineSettings:
     model_source: str = field(default="huggingface", metadata=_help(
         "where a bare model id (not a folder) is downloaded from", choices=SOURCES[1:]))
     cache_dir: str = field(default=DEFAULT_CACHE, metadata=_help("download cache for models"))
-    backend: str = field(default="transformers", metadata=_help("inference backend", choices=BACKENDS))
+    backend: str = field(default="auto", metadata=_help(
+        "inference backend; auto: LMDeploy's PyTorch engine where CUDA and LMDeploy are installed "
+        "(transformers for --bits, --adapter-path and image models), transformers otherwise",
+        choices=BACKENDS))
     dtype: str = field(default="auto", metadata=_help(
         "weights dtype", choices=("auto", "float32", "float16", "bfloat16")))
     device: str = field(default="auto", metadata=_help("transformers device: auto, cpu, cuda, cuda:1"))
@@ -81,6 +90,12 @@ class EngineSettings:
         "'auto' uses the tokenizer's template, else a named one (internlm2_chat, qwen_chat, ...)"))
     session_len: int = field(default=4096, metadata=_help("maximum context in tokens"))
     adapter_path: str = field(default="", metadata=_help("LoRA adapter folder served unmerged (transformers)"))
+    bits: int = field(default=0, metadata=_help(
+        "load the weights in 4 or 8 bits (bitsandbytes, transformers backend, CUDA only), as `xtuner chat "
+        "--bits 4` does; 0: the dtype's own", choices=("0", "4", "8")))
+    trust_remote_code: bool = field(default=False, metadata=_help(
+        "transformers: run a tokenizer's own code from the model folder (InternLM2's hub repos ship their "
+        "sentencepiece tokenizer as code); models always load with transformers' own classes"))
     transformers: TransformersSettings = field(default_factory=TransformersSettings)
     lmdeploy: LMDeploySettings = field(default_factory=LMDeploySettings)
     api: ApiSettings = field(default_factory=ApiSettings)
@@ -97,12 +112,45 @@ class EngineSettings:
             raise InvalidRequest("transformers.max_batch_size must be >= 0", param="transformers.max_batch_size")
         if self.session_len < 16:
             raise InvalidRequest(f"session_len must be >= 16, got {self.session_len}", param="session_len")
+        if self.bits not in (0, 4, 8):
+            raise InvalidRequest(f"bits must be 0, 4 or 8, got {self.bits}", param="bits")
+        if self.bits and self.backend not in ("auto", "transformers"):
+            raise InvalidRequest(f"bits {self.bits}: 4/8-bit loading is the transformers backend's (bitsandbytes); "
+                                 "LMDeploy serves 4-bit AWQ folders (--lmdeploy-model-format awq)", param="bits")
+        if self.transformers.compile not in ("auto", "on", "off"):
+            raise InvalidRequest("transformers.compile must be auto, on or off", param="transformers.compile")
         if self.lmdeploy.quant_policy not in (0, 4, 8):
             raise InvalidRequest("lmdeploy.quant_policy must be 0, 4 or 8", param="lmdeploy.quant_policy")
         if not 0 < self.lmdeploy.cache_max_entry_count <= 1:
             raise InvalidRequest("lmdeploy.cache_max_entry_count must be in (0, 1]",
                                  param="lmdeploy.cache_max_entry_count")
         return self
+
+    def resolved(self) -> "EngineSettings":
+        """These settings with backend `auto` made concrete (see `auto_backend`)."""
+        if self.backend != "auto":
+            return self
+        return dataclasses.replace(self, backend=auto_backend(self))
+
+
+def auto_backend(settings: EngineSettings) -> str:
+    """LMDeploy's PyTorch engine where it can run (CUDA and LMDeploy installed), unless what is
+    asked is the transformers backend's alone (4/8-bit loading, an unmerged adapter, an image
+    model: LMDeploy's VLM pipeline was seen failing in its own preprocessing); else transformers.
+    The PyTorch engine rather than TurboMind: it is the one run on our GPU host."""
+    import importlib.util
+
+    from .architectures import is_vision_model
+
+    if settings.bits or settings.adapter_path or is_vision_model(settings.model_path):
+        return "transformers"
+    if importlib.util.find_spec("lmdeploy") is None:
+        return "transformers"
+    try:
+        import torch
+    except ImportError:
+        return "transformers"
+    return "pytorch" if torch.cuda.is_available() else "transformers"
 
 
 # Bounds on what one request may ask for, so that no request makes the engine do unbounded
@@ -192,6 +240,26 @@ def check_response_format(value: Any) -> dict | None:
         return {"type": "json_schema", "json_schema": {"name": str(spec.get("name") or "response"),
                                                        "schema": spec.get("schema", {})}}
     return {"type": "json_object"}
+
+
+def response_schema(response_format: dict) -> dict:
+    """The JSON schema a checked response_format asks for (json_object: any object)."""
+    if response_format["type"] == "json_object":
+        return {"type": "object"}
+    return response_format["json_schema"]["schema"]
+
+
+def check_schema(response_format: dict) -> None:
+    """Refuse, naming the field, a schema the grammar library (xgrammar, which LMDeploy's and
+    our constrained decoding use) cannot compile: found before the request reaches an engine."""
+    import json
+
+    import xgrammar as xgr
+
+    try:
+        xgr.Grammar.from_json_schema(json.dumps(response_schema(response_format)), any_whitespace=False)
+    except Exception as exc:  # xgrammar's own message says what is wrong
+        raise InvalidRequest(f"response_format: the schema cannot be used: {exc}", param="response_format") from None
 
 
 def check_text(value: Any, where: str) -> str:
@@ -290,8 +358,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace | None = None,
                        env: Mapping[str, str] | None = None) -> EngineSettings:
-    """EngineSettings from parsed flags, then ENGINE_* env vars, then defaults; validated."""
-    return dataclass_from_args(EngineSettings, args, env, ENV_PREFIX).validate()
+    """EngineSettings from parsed flags, then ENGINE_* env vars, then defaults; validated, with
+    backend `auto` resolved (so that what follows sees the engine that will run)."""
+    return dataclass_from_args(EngineSettings, args, env, ENV_PREFIX).validate().resolved()
 
 
 def parse_engine_settings(argv: Sequence[str] | None = None) -> EngineSettings:

@@ -3,10 +3,19 @@
 Concurrent sessions are decoded together with transformers' own continuous batching
 (`model.init_continuous_batching`: a paged KV cache, per-request temperature/top-p/top-k,
 cancel, streaming): --transformers-max-batch-size sessions at a time (8 on a CPU, 64 on a GPU
-by default). Requests it cannot serve per request — a seed (one RNG for the whole batch) or a
-repetition penalty — and every request with a batch size of 1, run through `generate` with a
-streamer, one at a time, with the batch paused meanwhile (so seeded sampling stays
-reproducible: nothing else draws from the RNG).
+by default). Requests it cannot serve per request — a seed (one RNG for the whole batch), a
+repetition or OpenAI penalty, constrained JSON — and every request with a batch size of 1 run
+through `generate` with a streamer, one at a time, on one worker thread. A seeded one runs
+with nothing else drawing from the RNG: the batch pauses (transformers' `pause`) or, where the
+library has none (5.17), takes no new request until it has finished the ones it has.
+
+On a GPU a lone stream is faster through `generate` with a static KV cache of the session's
+length and the decode step compiled with CUDA graphs (`--transformers-compile`): compiled at
+start-up, replayed on the one worker thread (CUDA graphs are recorded per thread). A request
+that arrives while nothing runs takes that path; requests that arrive together are batched.
+
+Models load with transformers' own classes (`architectures.native_model`: InternLM2 as Llama),
+optionally in 4 or 8 bits (`--bits`, bitsandbytes, as `xtuner chat --bits 4` does).
 """
 from __future__ import annotations
 
@@ -14,16 +23,23 @@ import contextlib
 import itertools
 import json
 import queue
+import shutil
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from loguru import logger
 
+from .architectures import convert_internlm2_adapter, is_vision_model, native_model
 from .base import Engine, Generation, Piece
 from .errors import BackendUnavailable, EngineError, InvalidRequest
 from .prompts import ChatPrompt
-from .settings import EngineSettings
+from .settings import EngineSettings, response_schema
+
+# On a GPU: CUDA graphs for the batch's steps, keys padded to 1,024 tokens, queries to 16
+GPU_CB_DEFAULTS = (True, 1024, 16)
 
 _DONE = object()       # the worker has finished
 _CANCELLED = object()  # cancel() woke the consumer; the worker stops within one step
@@ -95,7 +111,7 @@ class _Batcher:
     that routes each output to its request's queue."""
 
     def __init__(self, model: Any, eos_ids: set[int], pad_id: int, batch: int, session_len: int,
-                 on_gpu: bool):
+                 on_gpu: bool, options: dict):
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -105,9 +121,21 @@ class _Batcher:
                                       eos_token_id=sorted(eos_ids), pad_token_id=pad_id,
                                       max_new_tokens=session_len)
         cb = ContinuousBatchingConfig(per_request_processors=True, max_requests_per_batch=batch)
-        if not on_gpu:  # sized by hand: on a CPU the automatic sizing fills GBs of masks at start
-            cb.num_blocks = -(-session_len * batch // cb.page_size) + 1
+        # The cache holds every session at full length, no more (the automatic sizing takes most of
+        # the free memory: on a CPU it fills GBs of masks at start; on a GPU it leaves none to a
+        # second model, the Compare tab's).
+        cb.num_blocks = -(-session_len * batch // cb.page_size) + 1
+        if on_gpu:
+            # Without flash-attention each step reads the keys padded to kv_padding_interval_size
+            # (16,384 tokens by default); CUDA graphs are captured per padded size.
+            cb.use_cuda_graph, cb.kv_padding_interval_size, cb.q_padding_interval_size = GPU_CB_DEFAULTS
+        else:
             cb.max_batch_tokens = 512
+        for key, value in options.items():  # --transformers-cb-options, checked by name
+            if not hasattr(cb, key):
+                raise InvalidRequest(f"transformers.cb_options: ContinuousBatchingConfig has no field {key!r}",
+                                     param="transformers.cb_options")
+            setattr(cb, key, value)
         self.manager = model.init_continuous_batching(generation_config=gen_config,
                                                       continuous_batching_config=cb)
         # Started from a daemon thread, its generation thread is a daemon too (Python threads
@@ -117,9 +145,15 @@ class _Batcher:
         starter.join()
         self.vocab = model.config.vocab_size
         self._queues: dict[str, queue.Queue] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._closed_to_new = 0  # drains in progress: submit() waits meanwhile
         self._running = True
         threading.Thread(target=self._dispatch, daemon=True, name="cb-dispatch").start()
+
+    @property
+    def active(self) -> int:
+        with self._lock:
+            return len(self._queues)
 
     def _dispatch(self) -> None:
         while self._running:
@@ -134,6 +168,7 @@ class _Batcher:
     def submit(self, request_id: str, ids: list[int], sampling: Any) -> queue.Queue:
         q: queue.Queue = queue.Queue()
         with self._lock:
+            self._lock.wait_for(lambda: not self._closed_to_new)
             self._queues[request_id] = q
         if sampling.greedy:  # exactly argmax: the only token top-k 1 keeps
             knobs = dict(temperature=1.0, top_p=1.0, top_k=1)
@@ -151,8 +186,28 @@ class _Batcher:
     def forget(self, request_id: str, cancel: bool = False) -> None:
         with self._lock:
             self._queues.pop(request_id, None)
+            self._lock.notify_all()
         if cancel:
             self.manager.cancel_request(request_id)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Nothing in the batch runs meanwhile: paused where the manager can pause (its sessions
+        kept), else drained (no new request until the ones it has are done)."""
+        pause = getattr(self.manager, "pause", None)
+        if pause is not None:
+            with pause():
+                yield
+            return
+        with self._lock:
+            self._closed_to_new += 1
+            self._lock.wait_for(lambda: not self._queues)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._closed_to_new -= 1
+                self._lock.notify_all()
 
     def close(self) -> None:
         if self._running:
@@ -163,7 +218,6 @@ class _Batcher:
 class TransformersEngine(Engine):
     def __init__(self, settings: EngineSettings):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         super().__init__()
         self.settings = settings
@@ -171,48 +225,58 @@ class TransformersEngine(Engine):
         self.model_name = Path(settings.model_path).name or settings.model_path
         self.device = settings.device if settings.device != "auto" else (
             "cuda" if torch.cuda.is_available() else "cpu")
+        on_gpu = self.device.startswith("cuda")
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(
             settings.dtype)
         if dtype is None:  # auto: bf16 where the GPU has it, fp32 on CPU
-            dtype = torch.bfloat16 if self.device.startswith("cuda") and torch.cuda.is_bf16_supported() \
-                else torch.float32
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(settings.model_path)
+            dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+        load: dict[str, Any] = dict(dtype=dtype)
+        if settings.bits:
+            load.update(_bitsandbytes(settings.bits, dtype, on_gpu), device_map={"": self.device})
         self.processor = None
-        if getattr(config, "vision_config", None) is not None:  # LLaVA and kin: images too
-            from transformers import AutoModelForImageTextToText, AutoProcessor
+        if is_vision_model(settings.model_path):  # LLaVA and kin: images too
+            from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+            config = AutoConfig.from_pretrained(settings.model_path)
             self.processor = AutoProcessor.from_pretrained(settings.model_path)
             self.tokenizer = self.processor.tokenizer
-            model = AutoModelForImageTextToText.from_pretrained(settings.model_path, dtype=dtype)
+            model = AutoModelForImageTextToText.from_pretrained(settings.model_path, **load)
+            model_type = getattr(config, "model_type", "")
         else:
-            self.tokenizer = AutoTokenizer.from_pretrained(settings.model_path)
-            model = AutoModelForCausalLM.from_pretrained(settings.model_path, dtype=dtype)
+            native = native_model(settings.model_path, settings.session_len)
+            self.tokenizer = _tokenizer(settings.model_path, settings.trust_remote_code, native.config)
+            model = native.model_class.from_pretrained(settings.model_path, config=native.config, **load)
+            model_type = native.model_type
         if settings.adapter_path:
-            from peft import PeftModel
-            model = PeftModel.from_pretrained(model, settings.adapter_path)
-        self.model = model.to(self.device).eval()
-        self.prompt = ChatPrompt(self.tokenizer, settings.chat_template,
-                                 getattr(self.model.config, "model_type", ""))
+            model = _with_adapter(model, settings.adapter_path, model_type)
+        self.model = (model if settings.bits else model.to(self.device)).eval()
+        gen_eos = self.model.generation_config.eos_token_id
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.prompt = ChatPrompt(self.tokenizer, settings.chat_template, model_type, gen_eos)
         if self.processor is not None:
             self.accepts_images = True
             self.prompt.image_tokens = self.processor.image_token * _image_seq_length(config)
-        gen_eos = self.model.generation_config.eos_token_id
-        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.eos_ids = set(gen_eos) | set(self.prompt.stop_token_ids)
         self._torch = torch
-        self._lock = threading.Lock()       # one generate() at a time
-        batch = settings.transformers.max_batch_size or (64 if self.device.startswith("cuda") else 8)
+        # Every generate() runs on this one thread: one at a time, and CUDA graphs recorded once
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="generate")
+        self._route = threading.Lock()
+        self._alone_busy = 0      # generate() runs queued or running on the worker
+        self._static_cache = None
+        if settings.transformers.compile == "on" or (settings.transformers.compile == "auto" and on_gpu):
+            self._static_cache = self._compile_one_stream()
+        batch = settings.transformers.max_batch_size or (64 if on_gpu else 8)
         if self.processor is not None:  # continuous batching takes token ids only, no images
             batch = 1
         self.max_concurrency = batch
         self._batcher = None
-        if batch > 1:
+        if batch > 1:  # after the static cache: its automatic sizing takes most of what is free
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
             try:
-                self._batcher = _Batcher(self.model, self.eos_ids, pad, batch, settings.session_len,
-                                         self.device.startswith("cuda"))
+                self._batcher = _Batcher(_twin(self.model), self.eos_ids, pad, batch, settings.session_len, on_gpu,
+                                         _cb_options(settings.transformers.cb_options))
+            except InvalidRequest:
+                raise
             except Exception as exc:  # an older transformers, a model CB does not take: still serve
                 logger.warning("transformers: continuous batching unavailable ({}: {}); one generation "
                                "at a time", type(exc).__name__, exc)
@@ -221,12 +285,42 @@ class TransformersEngine(Engine):
         self.features = frozenset({"frequency_penalty", "presence_penalty", "completions", "response_format"})
         self._grammars = _Grammars(self.tokenizer, self.model.config, self.eos_ids)
 
+    def _compile_one_stream(self) -> Any:
+        """A static KV cache of the session's length for one stream; the decode step compiled
+        (transformers compiles a static-cache generate with CUDA graphs) by a short warm-up."""
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=self.session_len)
+        if getattr(getattr(self.model, "hf_quantizer", None), "is_compileable", True) is False:
+            logger.info("transformers: this quantization cannot be compiled; one stream decodes eagerly")
+            return None
+        started = time.perf_counter()
+        ids = self.prompt.encode([{"role": "user", "content": "hello"}])
+        for _ in range(2):  # the first call compiles, the second records the CUDA graph
+            self._worker.submit(self._warm, ids, cache).result()
+        logger.info("transformers: one-stream decode step compiled in {:.1f} s", time.perf_counter() - started)
+        return cache
+
+    def _warm(self, ids: list[int], cache: Any) -> None:
+        torch = self._torch
+        input_ids = torch.tensor([ids], device=self.device)
+        with torch.inference_mode():  # the cache's tensors are inference tensors
+            cache.reset()
+            self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=8,
+                                min_new_tokens=8, do_sample=False, past_key_values=cache,
+                                pad_token_id=sorted(self.eos_ids)[0])
+
     def generate(self, gen: Generation) -> Iterator[Piece]:
         s = gen.sampling
-        if self._batcher is None or s.seed is not None or s.repetition_penalty != 1.0 \
-                or s.frequency_penalty or s.presence_penalty or s.response_format:
-            return self._generate_alone(gen)
-        return self._generate_batched(gen)
+        alone = self._batcher is None or s.seed is not None or s.repetition_penalty != 1.0 \
+            or s.frequency_penalty or s.presence_penalty or s.response_format
+        with self._route:  # a lone request on a GPU: the compiled one-stream path
+            if not alone and self._static_cache is not None and not self._alone_busy \
+                    and not self._batcher.active and not gen.images:
+                alone = True
+            if alone:
+                self._alone_busy += 1  # (a generator: this runs only once the stream is read)
+        yield from self._generate_alone(gen) if alone else self._generate_batched(gen)
 
     def _generate_batched(self, gen: Generation) -> Iterator[Piece]:
         rid = f"{gen.session_id}#{next(self._ids)}"
@@ -257,19 +351,21 @@ class TransformersEngine(Engine):
             self._batcher.forget(rid, cancel=not finished)
 
     def _generate_alone(self, gen: Generation) -> Iterator[Piece]:
-
         run = _Run(self.tokenizer, self.eos_ids)
         gen.on_cancel(lambda: (run.stopped.set(), run.queue.put(_CANCELLED)))
-        worker = threading.Thread(target=self._work, args=(run, gen), daemon=True,
-                                  name=f"generate-{gen.session_id}")
-        worker.start()
+        try:
+            done = self._worker.submit(self._work, run, gen)
+        except RuntimeError:  # the engine is closing
+            with self._route:
+                self._alone_busy -= 1
+            raise BackendUnavailable("transformers: the engine is shutting down") from None
         try:
             while True:
                 item = run.queue.get()
                 if item is _CANCELLED:
                     break
                 if item is _DONE:
-                    worker.join()  # it is on its last line
+                    done.result()  # it is on its last line
                     break
                 if isinstance(item, BaseException):
                     raise item
@@ -281,6 +377,14 @@ class TransformersEngine(Engine):
             run.stopped.set()  # a consumer that stops reading stops the generation (within a step)
 
     def _work(self, run: _Run, gen: Generation) -> None:
+        try:
+            self._work_alone(run, gen)
+        finally:
+            with self._route:
+                self._alone_busy -= 1
+            run.queue.put(_DONE)
+
+    def _work_alone(self, run: _Run, gen: Generation) -> None:
         torch, sampling = self._torch, gen.sampling
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -307,17 +411,20 @@ class TransformersEngine(Engine):
                 processors.append(self._grammars.processor(sampling.response_format))
         except InvalidRequest as exc:
             run.queue.put(exc)
-            run.queue.put(_DONE)
             return
         if processors:
             from transformers import LogitsProcessorList
 
             kwargs["logits_processor"] = LogitsProcessorList(processors)
+        cache = self._static_cache
+        if cache is not None and not gen.images and len(gen.prompt_ids) + sampling.max_new_tokens <= self.session_len:
+            kwargs["past_key_values"] = cache
         try:
-            # the batch pauses (keeping its sessions) while this runs alone
-            with self._lock, (self._batcher.manager.pause() if self._batcher else contextlib.nullcontext()):
-                if run.stopped.is_set():
-                    return
+            if run.stopped.is_set():
+                return
+            # a seeded request: nothing else draws from the RNG meanwhile
+            with self._batcher.exclusive() if self._batcher and sampling.seed is not None \
+                    else contextlib.nullcontext():
                 if sampling.seed is not None:
                     torch.manual_seed(sampling.seed)
                 input_ids = torch.tensor([gen.prompt_ids], device=self.device)
@@ -325,22 +432,99 @@ class TransformersEngine(Engine):
                     pixels = self.processor.image_processor(gen.images, return_tensors="pt")["pixel_values"]
                     kwargs["pixel_values"] = pixels.to(self.device, dtype=self.model.dtype)
                 with torch.inference_mode():
+                    if "past_key_values" in kwargs:
+                        cache.reset()  # the last request's keys and values
                     self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                         streamer=_Streamer(run),
                                         stopping_criteria=StoppingCriteriaList([_Stop()]), **kwargs)
         except Exception as exc:  # surfaced to the caller as a readable error
             oom = "out of memory" in str(exc).lower()
             run.queue.put(EngineError(("out of memory: " if oom else "generation failed: ") + str(exc)))
-        finally:
-            run.queue.put(_DONE)
 
     def close(self) -> None:
         self.cancel_all()
         if self._batcher is not None:
             self._batcher.close()
-        self.model = None
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        self.model = self._static_cache = None
         if self._torch.cuda.is_available():
             self._torch.cuda.empty_cache()
+
+
+def _twin(model: Any) -> Any:
+    """The model's module tree again over the same weights (no memory for them): its own config
+    and modules. The batch runs on the twin while `generate` runs on the model: transformers
+    sets per-call values on the model's config during a forward (`is_causal`, which the batch
+    turns off), so one model read by two threads at once computes wrong attention."""
+    import copy
+
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _bitsandbytes(bits: int, dtype: Any, on_gpu: bool) -> dict:
+    """from_pretrained arguments for a 4- or 8-bit load, as XTuner's `chat --bits` makes it
+    (NF4 with double quantization; LLM.int8 for 8 bits)."""
+    if not on_gpu:
+        raise InvalidRequest(f"bits {bits}: 4/8-bit loading (bitsandbytes) needs a CUDA GPU; on a CPU serve "
+                             "the model in its own dtype (--bits 0)", param="bits")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InvalidRequest(f"bits {bits}: needs the bitsandbytes package (pip install bitsandbytes)",
+                             param="bits") from None
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_use_double_quant=True)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=6.0)
+    return {"quantization_config": config}
+
+
+def _tokenizer(model_path: str, trust_remote_code: bool, config: Any) -> Any:
+    """The folder's tokenizer; `config` (the one the model is built with) spares AutoTokenizer
+    reading config.json itself (an InternLM2 one names remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code, config=config)
+    except ValueError as exc:
+        if trust_remote_code or not ("trust_remote_code" in str(exc) or "does not exist" in str(exc)):
+            raise
+        cls = json.loads((Path(model_path) / "tokenizer_config.json").read_text(encoding="utf-8")) \
+            .get("tokenizer_class", "?") if (Path(model_path) / "tokenizer_config.json").exists() else "?"
+        raise InvalidRequest(f"{model_path}: its tokenizer ({cls}) is code in the model folder, which runs only "
+                             "with --trust-remote-code (the model itself loads with transformers' own classes)",
+                             param="trust_remote_code") from None
+
+
+def _with_adapter(model: Any, adapter_path: str, model_type: str) -> Any:
+    """The model with a LoRA adapter, unmerged (PEFT); an InternLM2 adapter converted first."""
+    from peft import PeftModel
+
+    if model_type != "internlm2":
+        return PeftModel.from_pretrained(model, adapter_path)
+    converted = convert_internlm2_adapter(adapter_path, model.config)
+    try:
+        return PeftModel.from_pretrained(model, str(converted))
+    finally:
+        shutil.rmtree(converted, ignore_errors=True)
+
+
+def _cb_options(raw: str) -> dict:
+    """--transformers-cb-options: JSON of extra ContinuousBatchingConfig fields."""
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"transformers.cb_options: not JSON: {exc}", param="transformers.cb_options") from None
+    if not isinstance(options, dict):
+        raise InvalidRequest("transformers.cb_options: expected a JSON object of ContinuousBatchingConfig fields",
+                             param="transformers.cb_options")
+    return options
 
 
 def _image_seq_length(config: Any) -> int:
@@ -407,9 +591,8 @@ class _Grammars:
                 try:
                     # json_object: any JSON object, as OpenAI and LMDeploy define it; compact
                     # (no free whitespace), so a weak model cannot spend its tokens on blanks
-                    schema = {"type": "object"} if response_format["type"] == "json_object" \
-                        else response_format["json_schema"]["schema"]
-                    compiled = self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+                    compiled = self._compiler.compile_json_schema(json.dumps(response_schema(response_format)),
+                                                                  any_whitespace=False)
                 except Exception as exc:  # xgrammar's own message says what is wrong
                     raise InvalidRequest(f"response_format: the schema cannot be used: {exc}",
                                          param="response_format") from None

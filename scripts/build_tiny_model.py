@@ -1,25 +1,40 @@
-"""Build a tiny offline chat model: a Qwen2-architecture model with random weights and a
-byte-level BPE tokenizer trained here with `tokenizers`, carrying InternLM2's special tokens
-and its chat template. Nothing is downloaded; it takes a few seconds on a CPU.
+"""Build a tiny offline chat model with random weights and a byte-level BPE tokenizer trained
+here with `tokenizers`, carrying InternLM2's special tokens and its chat template. Nothing is
+downloaded; it takes a few seconds on a CPU. Two architectures, the families our users run:
+
+- `--arch qwen2` (default for the tiny model): transformers' own Qwen2 classes.
+- `--arch internlm2`: laid out as the InternLM2 hub repos are (internlm2-chat-1_8b,
+  internlm2_5-7b-chat): `model_type internlm2`, packed `wqkv` weights under InternLM2's names,
+  `auto_map` naming InternLM2's own modeling and configuration files, copied at build time from
+  the installed XTuner (`xtuner/_lite/modelings/internlm2/`: the training environment's, or
+  --internlm2-code DIR), its special tokens with `</s>` as EOS and `<|im_end|>` ending a turn
+  (generation_config), the `internlm2_chat` format.
 
 With --shape it builds a random-weight model of a real size instead (for benchmarks and GPU
 runs: speed does not depend on weight values); the tokenizer's vocabulary is padded to the
-shape's so every id the model can emit decodes.
+shape's so every id the model can emit decodes. internlm2-* shapes are InternLM2 models unless
+--arch qwen2 asks for the Qwen2 architecture at InternLM2's sizes.
 
 Self-contained on purpose: it runs in the serving environment (transformers 5) and in the
 training environment (transformers 4.48), so it imports neither side's package.
 
     python scripts/build_tiny_model.py --out models/tiny-chat
-    python scripts/build_tiny_model.py --shape qwen2-1.5b --out /tmp/qwen2-1.5b-random
+    python scripts/build_tiny_model.py --arch internlm2 --hidden 128 --out models/tiny-internlm2
+    python scripts/build_tiny_model.py --shape internlm2-1.8b --device cuda --out /tmp/internlm2-1.8b
 """
 from __future__ import annotations
 
 import argparse
+import glob
+import importlib.util
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ("qwen2", "internlm2")
 
 # InternLM2's special tokens; `<|im_end|>` ends an assistant turn.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|action_start|>",
@@ -44,7 +59,7 @@ The quick brown fox jumps over the lazy dog. Python is a programming language.
 """.strip()
 
 
-# Real model sizes, as Qwen2-architecture configs (InternLM2-like ones keep InternLM2's widths).
+# Real model sizes (internlm2-*: InternLM2's own config values, as the hub repos have them).
 SHAPES: dict[str, dict] = {
     "qwen2-0.5b": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936,
                        tie=True),
@@ -53,13 +68,13 @@ SHAPES: dict[str, dict] = {
     "qwen2-7b": dict(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064,
                      tie=False),
     "internlm2-1.8b": dict(hidden=2048, layers=24, heads=16, kv_heads=8, intermediate=8192,
-                           vocab=92544, tie=False),
+                           vocab=92544, tie=False, arch="internlm2"),
     "internlm2-7b": dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336,
-                         vocab=92544, tie=False),
+                         vocab=92544, tie=False, arch="internlm2"),
 }
 
 
-def build_tokenizer(vocab_size: int, pad_to: int | None = None):
+def build_tokenizer(vocab_size: int, pad_to: int | None = None, eos: str = "<|im_end|>"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -77,7 +92,7 @@ def build_tokenizer(vocab_size: int, pad_to: int | None = None):
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", unk_token="<unk>",
+        tokenizer_object=tok, bos_token="<s>", eos_token=eos, unk_token="<unk>",
         pad_token="</s>", additional_special_tokens=SPECIAL_TOKENS[3:],
         model_input_names=["input_ids", "attention_mask"], clean_up_tokenization_spaces=False)
     fast.chat_template = CHAT_TEMPLATE
@@ -97,14 +112,21 @@ def _pad_vocab(tok, size: int):
 
 def build(out: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
           vocab_size: int = 1024, max_positions: int = 8192, seed: int = 0,
-          shape: str | None = None, device: str = "cpu") -> Path:
+          shape: str | None = None, device: str = "cpu", arch: str | None = None,
+          internlm2_code: str | Path | None = None) -> Path:
     """Write the model folder atomically (a temp folder renamed into place)."""
     import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig
 
     out = Path(out)
     real = SHAPES[shape] if shape else None
-    tokenizer = build_tokenizer(vocab_size, pad_to=real["vocab"] if real else None)
+    arch = arch or (real or {}).get("arch", "qwen2")
+    if arch not in ARCHS:
+        raise SystemExit(f"error: --arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    code = internlm2_code_dir(internlm2_code) if arch == "internlm2" else None
+    # InternLM2's hub tokenizers end a text with </s> and a chat turn with <|im_end|>
+    tokenizer = build_tokenizer(vocab_size, pad_to=real["vocab"] if real else None,
+                                eos="</s>" if arch == "internlm2" else "<|im_end|>")
     torch.manual_seed(seed)
     dims = dict(hidden_size=hidden, intermediate_size=hidden * 4, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv_heads, initializer_range=0.1,
@@ -114,34 +136,130 @@ def build(out: str | Path, hidden: int = 64, layers: int = 2, heads: int = 4, kv
                     num_hidden_layers=real["layers"], num_attention_heads=real["heads"],
                     num_key_value_heads=real["kv_heads"], initializer_range=0.02,
                     tie_word_embeddings=real["tie"], vocab_size=real["vocab"])
-    config = Qwen2Config(
-        max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **dims)
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    if arch == "internlm2":  # Llama's layout holds its weights; config.json says the rest (RoPE)
+        from transformers import LlamaConfig as Config, LlamaForCausalLM as Model
+
+        max_positions = 32768 if real else max_positions
+        config = Config(max_position_embeddings=max_positions, rms_norm_eps=1e-5, **ids, **dims)
+    else:
+        from transformers import Qwen2Config as Config, Qwen2ForCausalLM as Model
+
+        config = Config(max_position_embeddings=max_positions, **ids, **dims)
     # real sizes: initialise in bf16 on the target device (CPU init of 7B takes minutes)
     dtype = torch.bfloat16 if real else torch.float32
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Qwen2ForCausalLM(config).eval()
+            model = Model(config).eval()
     finally:
         torch.set_default_dtype(previous)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
     model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id)
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=sorted({tokenizer.eos_token_id, end_of_turn}))
+    if arch == "internlm2":
+        return _atomic_folder(out, lambda tmp: _write_internlm2(tmp, model, tokenizer, code))
     return _save(out, model, tokenizer)
 
 
+def internlm2_code_dir(given: str | Path | None = None) -> Path:
+    """InternLM2's own modeling and configuration files, as XTuner installs them: the folder
+    given (or in $INTERNLM2_CODE), this interpreter's XTuner, or the training environment's."""
+    names = ("configuration_internlm2.py", "modeling_internlm2.py")
+    candidates = [Path(p) for p in (given, os.environ.get("INTERNLM2_CODE")) if p]
+    spec = importlib.util.find_spec("xtuner")  # finds the package without importing it
+    if spec and spec.submodule_search_locations:
+        candidates += [Path(p) / "_lite" / "modelings" / "internlm2" for p in spec.submodule_search_locations]
+    candidates += [Path(p) for p in sorted(glob.glob(
+        str(ROOT / ".venv-train" / "lib" / "python3*" / "site-packages" / "xtuner" / "_lite" / "modelings" / "internlm2")))]
+    for folder in candidates:
+        if all((folder / n).is_file() for n in names):
+            return folder
+    raise SystemExit("error: --arch internlm2 copies InternLM2's modeling files from an installed XTuner "
+                     "(xtuner/_lite/modelings/internlm2/): run scripts/setup_train_env.sh, or pass "
+                     "--internlm2-code DIR (or set INTERNLM2_CODE) naming a folder that holds "
+                     + " and ".join(names))
+
+
+# Llama's module names -> InternLM2's (the packed wqkv is made in _pack_internlm2)
+_INTERNLM2_NAMES = (("model.embed_tokens.", "model.tok_embeddings."), ("self_attn.o_proj.", "attention.wo."),
+                    ("mlp.gate_proj.", "feed_forward.w1."), ("mlp.up_proj.", "feed_forward.w3."),
+                    ("mlp.down_proj.", "feed_forward.w2."), ("input_layernorm.", "attention_norm."),
+                    ("post_attention_layernorm.", "ffn_norm."), ("lm_head.", "output."))
+
+
+def _pack_internlm2(state: dict, head_dim: int) -> dict:
+    """A Llama-layout state dict under InternLM2's names, q/k/v packed into `wqkv` as InternLM2
+    keeps them: per key/value head, its query heads, then its key, then its value."""
+    import torch
+
+    out = {}
+    for name, w in state.items():
+        if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        if ".self_attn.q_proj." in name:
+            k, v = state[name.replace("q_proj", "k_proj")], state[name.replace("q_proj", "v_proj")]
+            kv, rest = k.shape[0] // head_dim, w.shape[1:]
+            w = torch.cat([w.reshape(kv, -1, head_dim, *rest), k.reshape(kv, 1, head_dim, *rest),
+                           v.reshape(kv, 1, head_dim, *rest)], dim=1).reshape(-1, *rest)
+            name = name.replace("self_attn.q_proj.", "attention.wqkv.")
+        for old, new in _INTERNLM2_NAMES:
+            name = name.replace(old, new)
+        out[name] = w.contiguous()
+    return out
+
+
+def _write_internlm2(folder: Path, model, tokenizer, code: Path) -> None:
+    """The files of an InternLM2 hub repo: config.json with auto_map, InternLM2's own code,
+    packed weights, the tokenizer and generation config."""
+    from safetensors.torch import save_file
+
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    save_file(_pack_internlm2(model.state_dict(), head_dim), str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = {
+        "architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+        "auto_map": {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                     "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                     "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"},
+        "attn_implementation": "eager", "bias": False, "hidden_act": "silu",
+        "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": 1000000, "rope_scaling": {"type": "dynamic", "factor": 2.0},
+        "initializer_range": c.initializer_range, "tie_word_embeddings": False, "use_cache": True,
+        "bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id,
+        "pretraining_tp": 1, "torch_dtype": str(model.dtype).removeprefix("torch."),
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for name in ("configuration_internlm2.py", "modeling_internlm2.py"):
+        shutil.copy2(code / name, folder / name)
+    model.generation_config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    _make_tokenizer_config_portable(folder)
+
+
 def _save(out: Path, model, companion, finish=None) -> Path:
-    """Write the model folder atomically (a temp folder renamed into place): the model, its
-    tokenizer / processor (`companion`), then `finish(folder)` (default: the tokenizer config
-    made portable)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Write the model folder atomically: the model, its tokenizer / processor (`companion`),
+    then `finish(folder)` (default: the tokenizer config made portable)."""
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         companion.save_pretrained(tmp)
         (finish or _make_tokenizer_config_portable)(tmp)
+    return _atomic_folder(out, write)
+
+
+def _atomic_folder(out: Path, write) -> Path:
+    """`write(folder)` into a temp folder beside `out`, then renamed into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -251,6 +369,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shape", choices=sorted(SHAPES) + sorted(CLIP_SHAPES),
                    help="random weights of a real model size (a clip-* shape with --clip)")
+    p.add_argument("--arch", choices=ARCHS, help="model architecture (default: qwen2; the shape's own with --shape)")
+    p.add_argument("--internlm2-code", help="with --arch internlm2: the folder holding InternLM2's "
+                   "configuration_internlm2.py and modeling_internlm2.py (default: the installed XTuner's)")
     p.add_argument("--device", default="cpu", help="where to initialise (cuda is much faster for --shape)")
     p.add_argument("--llava", metavar="CHAT_MODEL", help="build a tiny LLaVA around this chat model instead")
     p.add_argument("--vision", help="with --llava: this CLIP vision tower (default: a new random one)")
@@ -262,7 +383,8 @@ def main() -> None:
     if a.llava:
         print(build_llava(a.out, a.llava, hidden=a.hidden, layers=a.layers, seed=a.seed, vision=a.vision))
         return
-    print(build(a.out, hidden=a.hidden, layers=a.layers, seed=a.seed, shape=a.shape, device=a.device))
+    print(build(a.out, hidden=a.hidden, layers=a.layers, seed=a.seed, shape=a.shape, device=a.device,
+                arch=a.arch, internlm2_code=a.internlm2_code))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,21 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_internlm2(tmp_path_factory) -> Path:
+    """The tiny model in InternLM2's own layout (packed wqkv, auto_map to InternLM2's code copied
+    from the installed XTuner, </s> as EOS and <|im_end|> ending a turn)."""
+    return load_script("build_tiny_model").build(tmp_path_factory.mktemp("models") / "tiny-internlm2",
+                                                 arch="internlm2")
+
+
+ARCHS = ("qwen2", "internlm2")  # the families our users run: every backend serves a model of each
+
+
+def tiny_of(request, arch: str) -> Path:
+    return request.getfixturevalue("tiny_internlm2" if arch == "internlm2" else "tiny_model")
+
+
+@pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory, tiny_model) -> Path:
     """A tiny LLaVA (llava-hf layout) around the tiny chat model: random vision tower."""
     return load_script("build_tiny_model").build_llava(tmp_path_factory.mktemp("models") / "tiny-llava", tiny_model)

@@ -134,6 +134,15 @@ def test_a_reply_cut_in_the_middle_of_a_character_does_not_end_in_a_replacement_
     assert "我的名字是小明".startswith(text)
 
 
+@pytest.mark.parametrize("finish,expected", [("length", "ab"), ("stop", "ab\ufffd")])
+def test_invalid_bytes_the_model_ended_with_are_kept_a_cut_is_not(finish, expected):
+    """A remote server that cut at a stop string sends text ending in U+FFFD (invalid bytes
+    the model wrote before the stop): the reply keeps them, as the reply read whole does."""
+    text, usage = Scripted([Piece("ab\ufffd", completion_tokens=3, finish_reason=finish)]).chat(
+        Q, SamplingParams(max_new_tokens=8))
+    assert (text, usage.finish_reason) == (expected, finish)
+
+
 def test_bad_requests_fail_at_the_call_before_anything_runs():
     eng = Scripted([Piece("never")])
     with pytest.raises(InvalidRequest, match="lone surrogate"):

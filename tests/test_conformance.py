@@ -7,15 +7,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from conftest import ARCHS, tiny_of
 from engines import available_backends, open_engine
 from infer_engine import ContextOverflow, InvalidRequest, SamplingParams
 
 GREEDY = dict(temperature=0.0)
 
 
-@pytest.fixture(scope="module", params=available_backends())
-def engine(request, tiny_model):
-    with open_engine(request.param, tiny_model) as eng:
+@pytest.fixture(scope="module", params=[(b, a) for a in ARCHS for b in available_backends()],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def engine(request):
+    backend, arch = request.param
+    with open_engine(backend, tiny_of(request, arch)) as eng:
         yield eng
 
 
@@ -133,7 +136,7 @@ def test_control_tokens_in_messages_are_plain_text(engine):
     assert extra - (words_only.prompt_tokens - plain.prompt_tokens) >= 3 * 3
 
 
-def test_context_overflow_drops_oldest_turns_then_errors(tiny_model, engine):
+def test_context_overflow_drops_oldest_turns_then_errors(engine):
     filler = "hello world " * 150  # a few hundred tokens per turn
     history = [{"role": "system", "content": "be brief"}]
     for i in range(12):

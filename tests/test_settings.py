@@ -20,7 +20,25 @@ def parse(argv, env=None):
 
 def test_defaults_come_from_the_dataclasses():
     s = parse(["--model-path", "m"])
-    assert s == EngineSettings(model_path="m")
+    assert s == EngineSettings(model_path="m").resolved()
+
+
+def test_auto_backend_is_lmdeploys_engine_on_a_gpu_else_transformers(monkeypatch, tmp_path):
+    import torch
+
+    from infer_engine.settings import auto_backend
+
+    assert EngineSettings().backend == "auto"
+    assert parse(["--model-path", "m"]).backend == "transformers"  # this CPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert auto_backend(EngineSettings(model_path="m")) == "pytorch"  # LMDeploy is installed here
+    assert parse(["--model-path", "m"]).backend == "pytorch"
+    # what only the transformers backend does keeps it there
+    assert parse(["--model-path", "m", "--bits", "4"]).backend == "transformers"
+    assert parse(["--model-path", "m", "--adapter-path", "a"]).backend == "transformers"
+    (tmp_path / "config.json").write_text('{"model_type": "llava", "vision_config": {}}')
+    assert parse(["--model-path", str(tmp_path)]).backend == "transformers"
+    assert parse(["--model-path", "m", "--backend", "transformers"]).backend == "transformers"
 
 
 def test_flags_override_env_override_defaults():
@@ -38,6 +56,8 @@ def test_flags_override_env_override_defaults():
     (["--model-path", "m", "--lmdeploy-quant-policy", "3"], {}, "lmdeploy.quant_policy"),
     ([], {}, "model_path"),
     (["--model-path", "m"], {"ENGINE_BACKEND": "vllm"}, "backend"),
+    (["--model-path", "m"], {"ENGINE_BITS": "3"}, "bits"),
+    (["--model-path", "m", "--bits", "4", "--backend", "pytorch"], {}, "bits"),
 ])
 def test_bad_settings_name_the_field(argv, env, field):
     with pytest.raises(InvalidRequest) as err:

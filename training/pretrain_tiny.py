@@ -49,8 +49,9 @@ def pretrain(model_dir: str, out: str, data: str | Path = GENERAL_CHAT, steps: i
     rows = [msgs for _, msgs in samples(data)]
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    # an InternLM2 folder names its own modeling code (auto_map), which runs here (transformers 4.48)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, trust_remote_code=True)
     encoded = [encode(tok, r) for r in rows]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)

@@ -76,7 +76,8 @@ def score_checkpoints(s: TrainSettings, config: Path) -> list[Score]:
             folder = work / "models" / name
             if not converted(folder, pth):
                 export_full(config, pth, folder, Path(s.model_path), work / "convert.log")
-            model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=dtype).to(device).eval()
+            model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=dtype,
+                                                         trust_remote_code=True).to(device).eval()
         else:
             adapter = work / "adapters" / name
             if not converted(adapter, pth):  # converted from this very checkpoint, or anew
