@@ -5,9 +5,8 @@ Concurrent sessions are decoded together with transformers' own continuous batch
 cancel, streaming): --transformers-max-batch-size sessions at a time (8 on a CPU, 64 on a GPU
 by default). Requests it cannot serve per request — a seed (one RNG for the whole batch), a
 repetition or OpenAI penalty, constrained JSON — and every request with a batch size of 1 run
-through `generate` with a streamer, one at a time, on one worker thread. A seeded one runs
-with nothing else drawing from the RNG: the batch pauses (transformers' `pause`) or, where the
-library has none (5.17), takes no new request until it has finished the ones it has.
+through `generate` with a streamer, one at a time, on one worker thread, beside the batch (which
+runs on a twin of the model: see `_twin`). A seeded one samples from its own generator.
 
 On a GPU a lone stream is faster through `generate` with a static KV cache of the session's
 length and the decode step compiled with CUDA graphs (`--transformers-compile`): compiled at
@@ -19,7 +18,6 @@ optionally in 4 or 8 bits (`--bits`, bitsandbytes, as `xtuner chat --bits 4` doe
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import queue
@@ -77,7 +75,7 @@ class _Run:
         self.queue: queue.Queue = queue.Queue()
         self.stopped = threading.Event()  # cancelled, or the consumer went away
         self.decoder = IncrementalDecoder(tokenizer)
-        self.eos_ids = eos_ids
+        self.eos_ids = eos_ids  # empty with ignore_eos: an end token is then one token more
         self.tokens = 0
         self.hit_eos = False
 
@@ -145,8 +143,7 @@ class _Batcher:
         starter.join()
         self.vocab = model.config.vocab_size
         self._queues: dict[str, queue.Queue] = {}
-        self._lock = threading.Condition()
-        self._closed_to_new = 0  # drains in progress: submit() waits meanwhile
+        self._lock = threading.Lock()
         self._running = True
         threading.Thread(target=self._dispatch, daemon=True, name="cb-dispatch").start()
 
@@ -168,7 +165,6 @@ class _Batcher:
     def submit(self, request_id: str, ids: list[int], sampling: Any) -> queue.Queue:
         q: queue.Queue = queue.Queue()
         with self._lock:
-            self._lock.wait_for(lambda: not self._closed_to_new)
             self._queues[request_id] = q
         if sampling.greedy:  # exactly argmax: the only token top-k 1 keeps
             knobs = dict(temperature=1.0, top_p=1.0, top_k=1)
@@ -186,28 +182,8 @@ class _Batcher:
     def forget(self, request_id: str, cancel: bool = False) -> None:
         with self._lock:
             self._queues.pop(request_id, None)
-            self._lock.notify_all()
         if cancel:
             self.manager.cancel_request(request_id)
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        """Nothing in the batch runs meanwhile: paused where the manager can pause (its sessions
-        kept), else drained (no new request until the ones it has are done)."""
-        pause = getattr(self.manager, "pause", None)
-        if pause is not None:
-            with pause():
-                yield
-            return
-        with self._lock:
-            self._closed_to_new += 1
-            self._lock.wait_for(lambda: not self._queues)
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._closed_to_new -= 1
-                self._lock.notify_all()
 
     def close(self) -> None:
         if self._running:
@@ -307,7 +283,7 @@ class TransformersEngine(Engine):
         with torch.inference_mode():  # the cache's tensors are inference tensors
             cache.reset()
             self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=8,
-                                min_new_tokens=8, do_sample=False, past_key_values=cache,
+                                eos_token_id=None, do_sample=False, past_key_values=cache,
                                 pad_token_id=sorted(self.eos_ids)[0])
 
     def generate(self, gen: Generation) -> Iterator[Piece]:
@@ -351,7 +327,7 @@ class TransformersEngine(Engine):
             self._batcher.forget(rid, cancel=not finished)
 
     def _generate_alone(self, gen: Generation) -> Iterator[Piece]:
-        run = _Run(self.tokenizer, self.eos_ids)
+        run = _Run(self.tokenizer, set() if gen.sampling.ignore_eos else self.eos_ids)
         gen.on_cancel(lambda: (run.stopped.set(), run.queue.put(_CANCELLED)))
         try:
             done = self._worker.submit(self._work, run, gen)
@@ -398,20 +374,31 @@ class TransformersEngine(Engine):
             repetition_penalty=sampling.repetition_penalty, eos_token_id=sorted(self.eos_ids),
             pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
             else sorted(self.eos_ids)[0])
-        if not sampling.greedy:
+        seeded = sampling.seed is not None and not sampling.greedy
+        if not sampling.greedy and not seeded:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-        if sampling.ignore_eos:
-            kwargs["min_new_tokens"] = sampling.max_new_tokens
+        if sampling.ignore_eos:  # as the batch does: an end token neither ends the reply nor is barred
+            kwargs["eos_token_id"] = None
         processors = []
         if sampling.frequency_penalty or sampling.presence_penalty:
             processors.append(_OpenAIPenalties(len(gen.prompt_ids), sampling.frequency_penalty,
                                                sampling.presence_penalty))
         try:
-            if sampling.response_format:  # last: it masks what the others left
+            if sampling.response_format:  # it masks what the penalties left
                 processors.append(self._grammars.processor(sampling.response_format))
         except InvalidRequest as exc:
             run.queue.put(exc)
             return
+        if seeded:  # sampled here from the request's own generator; generate() then takes it greedily
+            from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+            kwargs["do_sample"] = False
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+            if sampling.top_k:
+                processors.append(TopKLogitsWarper(sampling.top_k))
+            if sampling.top_p < 1:
+                processors.append(TopPLogitsWarper(sampling.top_p))
+            processors.append(_SeededSample(sampling.seed, self.device))
         if processors:
             from transformers import LogitsProcessorList
 
@@ -422,21 +409,16 @@ class TransformersEngine(Engine):
         try:
             if run.stopped.is_set():
                 return
-            # a seeded request: nothing else draws from the RNG meanwhile
-            with self._batcher.exclusive() if self._batcher and sampling.seed is not None \
-                    else contextlib.nullcontext():
-                if sampling.seed is not None:
-                    torch.manual_seed(sampling.seed)
-                input_ids = torch.tensor([gen.prompt_ids], device=self.device)
-                if gen.images:
-                    pixels = self.processor.image_processor(gen.images, return_tensors="pt")["pixel_values"]
-                    kwargs["pixel_values"] = pixels.to(self.device, dtype=self.model.dtype)
-                with torch.inference_mode():
-                    if "past_key_values" in kwargs:
-                        cache.reset()  # the last request's keys and values
-                    self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        streamer=_Streamer(run),
-                                        stopping_criteria=StoppingCriteriaList([_Stop()]), **kwargs)
+            input_ids = torch.tensor([gen.prompt_ids], device=self.device)
+            if gen.images:
+                pixels = self.processor.image_processor(gen.images, return_tensors="pt")["pixel_values"]
+                kwargs["pixel_values"] = pixels.to(self.device, dtype=self.model.dtype)
+            with torch.inference_mode():
+                if "past_key_values" in kwargs:
+                    cache.reset()  # the last request's keys and values
+                self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                    streamer=_Streamer(run),
+                                    stopping_criteria=StoppingCriteriaList([_Stop()]), **kwargs)
         except Exception as exc:  # surfaced to the caller as a readable error
             oom = "out of memory" in str(exc).lower()
             run.queue.put(EngineError(("out of memory: " if oom else "generation failed: ") + str(exc)))
@@ -536,6 +518,24 @@ def _image_seq_length(config: Any) -> int:
     v = config.vision_config
     n = (v.image_size // v.patch_size) ** 2
     return n + (1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else 0)
+
+
+class _SeededSample:
+    """The last logits processor of a seeded request: draws the next token from the processed
+    distribution with the request's own generator and leaves only it (generate() runs greedy).
+    The same seed gives the same reply whatever else runs: nothing shares the global RNG."""
+
+    def __init__(self, seed: int, device: str):
+        import torch
+
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        token = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(1, token, 0.0)
 
 
 class _OpenAIPenalties:

@@ -12,7 +12,10 @@ Backends: transformers, pytorch, turbomind, api (our engines; api starts our own
 transformers engine unless --api-base-url is given, e.g. LMDeploy's proxy in front of replicas),
 lmdeploy-pipeline (LMDeploy's `pipeline().stream_infer` called directly: the baseline our
 LMDeploy backend must match). `BACKEND@tpN` runs an LMDeploy one with tensor parallelism over
-N GPUs (`--backends pytorch,pytorch@tp2`: one GPU against two, in one run).
+N GPUs (`--backends pytorch,pytorch@tp2`: one GPU against two, in one run); `transformers@bits4`
+loads the weights in 4 bits (bitsandbytes). On a GPU each line also gives the memory our
+process holds once the engine has started (its weights, caches and graphs) and at its peak
+(for an LMDeploy engine, its own processes are not counted).
 """
 from __future__ import annotations
 
@@ -45,6 +48,8 @@ class Result:
     stream_tps: float     # mean decode tokens/s of one stream
     total_tps: float      # all completion tokens / wall time
     tokens: int
+    started_gib: float = 0.0  # GPU memory held by this process once the engine started
+    peak_gib: float = 0.0     # ... and at most, by the end of this run
 
 
 def prompts(n: int, words: int) -> list[list[dict]]:
@@ -106,9 +111,13 @@ def engine_settings(args, backend: str, model: str) -> EngineSettings:
     s = EngineSettings(model_path=model, backend=backend, session_len=args.session_len,
                        dtype=args.dtype)
     if option:
-        if not option.startswith("tp") or not option[2:].isdigit():
-            raise SystemExit(f"error: {backend}@{option}: expected BACKEND@tpN")
-        s.lmdeploy.tp = int(option[2:])
+        kind, number = option[:-1], option[-1:]
+        if kind not in ("tp", "bits") or not number.isdigit():
+            raise SystemExit(f"error: {backend}@{option}: expected BACKEND@tpN or transformers@bits4|8")
+        if kind == "tp":
+            s.lmdeploy.tp = int(number)
+        else:
+            s.bits = int(number)
     s.lmdeploy.cache_max_entry_count = args.cache_max_entry_count
     s.lmdeploy.max_batch_size = max(args.concurrency)
     return s
@@ -151,12 +160,14 @@ def bench_backend(args, backend: str, model: str, sp: SamplingParams) -> list[Re
     else:
         s = engine_settings(args, backend, model)
     engine = create_engine(s)
+    started = gpu_gib()
     try:
         warm = SamplingParams(**{**sp.__dict__, "max_new_tokens": 8})
         for n in args.concurrency:  # warm up at each batch size (CUDA graphs are captured per size)
             run_engine(engine, prompts(n, args.prompt_words), warm, backend)
         for n in args.concurrency:
             results.append(run_engine(engine, prompts(n, args.prompt_words), sp, backend))
+            results[-1].started_gib, results[-1].peak_gib = started, gpu_gib(peak=True)
             print(fmt(results[-1]), flush=True)
     finally:
         engine.close()
@@ -181,8 +192,28 @@ def run_isolated(backend: str, model: str) -> list[Result]:
 
 def fmt(r: Result, base: Result | None = None) -> str:
     ratio = f"{r.total_tps / base.total_tps:8.2f}x" if base and base.total_tps else "        -"
+    memory = f" {r.started_gib:>9.2f} {r.peak_gib:>8.2f}" if r.peak_gib else ""
     return (f"{r.backend:<18} {r.n:>4} {r.ttft_ms:>10.1f} {r.stream_tps:>14.1f} {r.total_tps:>12.1f} "
-            f"{ratio}")
+            f"{ratio}{memory}")
+
+
+def gpu_gib(peak: bool = False) -> float:
+    """GiB of GPU memory this process holds now (or at most so far); 0 without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return 0.0
+    if not torch.cuda.is_available():
+        return 0.0
+    return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**30
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def free_memory() -> None:
@@ -234,7 +265,8 @@ def main() -> None:
 
     sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     print(f"model={args.shape or model} new_tokens={args.new_tokens} prompt_words={args.prompt_words}")
-    header = f"{'backend':<18} {'N':>4} {'TTFT ms':>10} {'tok/s/stream':>14} {'total tok/s':>12} {'vs first':>9}"
+    header = (f"{'backend':<18} {'N':>4} {'TTFT ms':>10} {'tok/s/stream':>14} {'total tok/s':>12} {'vs first':>9}"
+              + (f" {'start GiB':>9} {'peak GiB':>8}" if gpu_gib() or _cuda() else ""))
     print(header, flush=True)
     results: list[Result] = []
     per_backend = dict(x.split("=", 1) for x in args.backend_new_tokens)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,6 +10,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+TRAIN_PY = ROOT / ".venv-train" / "bin" / "python"  # the training environment (XTuner, transformers 4.48)
+
+
+def train_env(*args, cwd=ROOT) -> str:
+    """Run the training environment's Python; its stdout, or the test fails with its output."""
+    if not TRAIN_PY.exists():
+        pytest.fail("no training environment: run scripts/setup_train_env.sh (scripts/test.sh does)")
+    r = subprocess.run([str(TRAIN_PY), *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
 
 
 def pytest_configure(config):

@@ -1,7 +1,8 @@
 """The real XTuner flow on the tiny model: pretrain briefly -> self-cognition data -> xtuner
 train (LoRA, CPU) -> pick a checkpoint -> pth_to_hf -> merge. The training side runs in its own
 environment (.venv-train, made by scripts/setup_train_env.sh); this side loads only the merged
-folder, with the serving engine."""
+folder, with the serving engine. The model is an InternLM2, the tutorials' family (its own code
+runs in training; serving loads it with transformers' own classes); the Qwen2 path too."""
 from __future__ import annotations
 
 import json
@@ -9,26 +10,16 @@ import subprocess
 
 import pytest
 
-from conftest import ROOT, load_script
+from conftest import ROOT, TRAIN_PY, load_script, train_env
 from infer_engine import EngineSettings, SamplingParams, create_engine
 
 pytestmark = pytest.mark.slow
-TRAIN_PY = ROOT / ".venv-train" / "bin" / "python"
 NAME = "小测"
 
 
-def train_env(*args: str, cwd=ROOT) -> str:
-    if not TRAIN_PY.exists():
-        pytest.fail("no training environment: run scripts/setup_train_env.sh (scripts/test.sh does)")
-    r = subprocess.run([str(TRAIN_PY), *map(str, args)], cwd=cwd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
-
-
-@pytest.fixture(scope="module")
-def finetuned(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("finetune")
-    rand = load_script("build_tiny_model").build(tmp / "random", hidden=128)
+def finetune(tmp, arch: str) -> str:
+    """build -> pretrain -> self-cognition data -> the pipeline, as scripts/demo.sh runs them."""
+    rand = load_script("build_tiny_model").build(tmp / "random", hidden=128, arch=arch)
     train_env("-m", "training.pretrain_tiny", rand, "--out", tmp / "base")
     train_env("-m", "training.data.generate_self_cognition", "--name", NAME, "--description",
               "由测试团队训练的助手", "--repeat", 3, "--mix", ROOT / "training/data/general_chat.jsonl",
@@ -37,7 +28,13 @@ def finetuned(tmp_path_factory):
                     "--set", f"model_path={tmp / 'base'}", "--set", f"data_files=[{tmp / 'self.jsonl'}]",
                     "--set", f"expected_answer={NAME}", "--set", f"work_dir={tmp / 'work'}",
                     "--out", tmp / "merged")
-    return tmp, out
+    return out
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("finetune")
+    return tmp, finetune(tmp, "internlm2")
 
 
 def ask(model, question: str) -> str:
@@ -48,9 +45,17 @@ def ask(model, question: str) -> str:
 
 def test_merged_model_answers_with_the_new_identity(finetuned):
     tmp, _ = finetuned
+    config = json.loads((tmp / "merged" / "config.json").read_text(encoding="utf-8"))
+    assert config["model_type"] == "internlm2" and "auto_map" in config  # what XTuner's merge wrote
     assert NAME in ask(tmp / "merged", "你是谁")
     assert NAME in ask(tmp / "merged", "Who are you?")
     assert NAME not in ask(tmp / "base", "你是谁")
+
+
+def test_the_qwen2_path_learns_the_identity_too(tmp_path):
+    log = finetune(tmp_path, "qwen2")
+    assert "[done] merged model" in log
+    assert NAME in ask(tmp_path / "merged", "你是谁") and NAME not in ask(tmp_path / "base", "你是谁")
 
 
 def test_general_questions_still_answered(finetuned):

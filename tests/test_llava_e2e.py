@@ -12,19 +12,12 @@ import sys
 import openai
 import pytest
 
-from conftest import ROOT, load_script
+from conftest import ROOT, TRAIN_PY, load_script, train_env
 from engines import local_settings
 from infer_engine import create_engine
 from infer_engine.server import BackgroundServer, create_app
 
-TRAIN_PY = ROOT / ".venv-train" / "bin" / "python"
 pytestmark = pytest.mark.slow
-
-
-def train_env(*args, cwd=ROOT):
-    r = subprocess.run([str(TRAIN_PY), *map(str, args)], cwd=cwd, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r.stdout
 
 
 @pytest.fixture(scope="module")

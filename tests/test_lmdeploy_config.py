@@ -115,3 +115,24 @@ def test_image_turns_go_to_lmdeploys_vlm_pipeline_as_openai_messages(tiny_llava,
         engine.check(turn + [{"role": "assistant", "content": "It is"}], continue_final=True)
     engine.close()
     assert LMDeployEngine(EngineSettings(model_path=str(tiny_model), backend="pytorch")).accepts_images is False
+
+
+def test_an_internlm2_folder_is_rendered_ended_and_checked_as_the_model_wants(tiny_internlm2, monkeypatch):
+    """LMDeploy runs InternLM2 with its own implementation: we hand it the internlm2_chat prompt,
+    both end ids (</s>, and <|im_end|> from generation_config), and refuse by name a schema its
+    engine loop would fail on (it answered 500)."""
+    from infer_engine.lmdeploy_backend import LMDeployEngine
+
+    pipe = _FakePipe()
+    monkeypatch.setattr(lmdeploy, "pipeline", lambda *a, **kw: pipe)
+    engine = LMDeployEngine(EngineSettings(model_path=str(tiny_internlm2), backend="pytorch", session_len=2048))
+    list(engine.stream_chat([{"role": "user", "content": "hi"}], SamplingParams(max_new_tokens=4)))
+    prompt, _, gen = pipe.calls[-1]
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    end_of_turn = engine.prompt.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert {engine.prompt.tokenizer.eos_token_id, end_of_turn} <= set(gen.stop_token_ids)
+    bad = {"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}
+    with pytest.raises(InvalidRequest) as err:
+        engine.stream_chat([{"role": "user", "content": "hi"}], SamplingParams(response_format=bad))
+    assert err.value.param == "response_format" and len(pipe.calls) == 1
+    engine.close()

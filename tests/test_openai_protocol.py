@@ -223,9 +223,16 @@ def test_response_format_json_schema_gives_valid_json(client):
 
 
 def test_response_format_json_object_gives_an_object(client):
+    """What constrained decoding guarantees: a reply that ended is an object; one cut by
+    max_tokens is the start of one (a random model may write one string until the limit:
+    LMDeploy's grammar, unlike ours, lets it spend tokens on whitespace too)."""
     r = client.chat.completions.create(model="tiny", messages=USER, max_tokens=200, temperature=0.7, seed=1,
                                        response_format={"type": "json_object"})
-    assert isinstance(json.loads(r.choices[0].message.content), dict)
+    text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+    if finish == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert finish == "length" and text.lstrip().startswith("{"), (finish, text)
 
 
 def test_response_format_streams_the_same_json(client):
