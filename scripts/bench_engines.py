@@ -185,8 +185,11 @@ def run_isolated(backend: str, model: str) -> list[Result]:
             i = argv.index(flag)
             del argv[i:i + 2]
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        subprocess.run([sys.executable, __file__, *argv, "--model-path", model, "--backends", backend,
-                        "--json-out", out.name], check=True)
+        done = subprocess.run([sys.executable, __file__, *argv, "--model-path", model, "--backends", backend,
+                               "--json-out", out.name])
+        if done.returncode != 0:  # one backend failing leaves the others' figures standing
+            print(f"{backend}: failed (exit {done.returncode}; its output is above)", flush=True)
+            return []
         return [Result(**r) for r in json.loads(Path(out.name).read_text())]
 
 
@@ -285,6 +288,8 @@ def main() -> None:
     for r in results:
         base = next(x for x in results if x.n == r.n)
         print(fmt(r, base))
+    if len({r.backend for r in results}) < len(backends):
+        sys.exit(1)
     if tmp:
         tmp.cleanup()
 

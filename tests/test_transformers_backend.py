@@ -18,8 +18,11 @@ CUDA = torch.cuda.is_available()
 
 def settings(model, **kw) -> EngineSettings:
     """The transformers backend (auto picks LMDeploy on a GPU), in fp32 where a test compares
-    tokens across paths: exact on a CPU, and on a GPU too (bf16 rounds each batch shape its way)."""
+    tokens across paths: exact on a CPU, and on a GPU too (bf16 rounds each batch shape its way).
+    The one-stream compile is off unless a test turns it on (the conformance suite runs it on a
+    GPU; each engine would compile anew)."""
     s = EngineSettings(model_path=str(model), backend="transformers", dtype="float32")
+    s.transformers.compile = "off"
     for key, value in kw.items():
         target, _, leaf = key.rpartition("__")
         setattr(getattr(s, target) if target else s, leaf, value)
