@@ -10,8 +10,9 @@ classes: the weights are unpacked and renamed as they load (transformers' checkp
 mapping, the mechanism it uses for its own format changes), and no remote code runs. Static
 cache, compile, continuous batching and quantized loading then apply as to any Llama.
 
-A LoRA adapter trained on InternLM2's modules (XTuner's `pth_to_hf`: `wqkv`, `wo`, `w1`-`w3`)
-is converted the same way before PEFT loads it: `wqkv`'s B matrix is split by rows like the
+A LoRA adapter trained on InternLM2's modules (XTuner's `pth_to_hf`: `wqkv`, `wo`, `w1`-`w3`,
+and `output`, which XTuner's all-linear targeting takes too) is converted the same way before
+PEFT loads it: `wqkv`'s B matrix is split by rows like the
 weight, its A matrix shared by q, k and v (B_q A x is exactly the q rows of B A x).
 """
 from __future__ import annotations
@@ -25,11 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidRequest
-
-# The lowest transformers the native loading is known to work with (the GPU host has 5.17):
-# checkpoint conversion mappings with user-registered ops arrived in the 5.x series.
-MIN_TRANSFORMERS = (5, 17)
-
 
 def read_config(model_path: str | Path) -> dict:
     """The folder's config.json as a dict ({} when there is none or it is unreadable)."""
@@ -73,7 +69,6 @@ def native_model(model_path: str, session_len: int) -> NativeModel:
     raw = read_config(model_path)
     model_type = str(raw.get("model_type", ""))
     if model_type == "internlm2":
-        check_transformers()
         return NativeModel(internlm2_config(raw, session_len), model_type, _internlm2_class())
     try:
         config = AutoConfig.from_pretrained(model_path)
@@ -86,17 +81,6 @@ def native_model(model_path: str, session_len: int) -> NativeModel:
             "itself has (Llama, Qwen2, ...). Serve it with --backend pytorch or turbomind (LMDeploy) "
             "if LMDeploy supports it", param="model_path") from None
     return NativeModel(config, model_type or str(getattr(config, "model_type", "")), AutoModelForCausalLM)
-
-
-def check_transformers() -> None:
-    import transformers
-
-    have = tuple(int(x) for x in transformers.__version__.split(".")[:2] if x.isdigit())
-    if have < MIN_TRANSFORMERS:
-        raise InvalidRequest(
-            f"InternLM2 on the transformers backend needs transformers >= "
-            f"{'.'.join(map(str, MIN_TRANSFORMERS))}, this environment has {transformers.__version__}: "
-            "upgrade it (pip install -r requirements.txt) or serve with --backend pytorch", param="backend")
 
 
 def internlm2_config(raw: dict, session_len: int) -> Any:
@@ -181,7 +165,19 @@ def _internlm2_class() -> type:
 
 
 # -- LoRA adapters trained on InternLM2's own modules ------------------------------------------
-_ADAPTER_MODULES = {"wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_ADAPTER_MODULES = {"wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj", "output": "lm_head"}
+_ADAPTER_PARENTS = (("attention.", "self_attn."), ("feed_forward.", "mlp."))
+
+
+def _adapter_target(target: str) -> list[str]:
+    """One of an adapter's target_modules (a module name, or a full path as PEFT's "all-linear"
+    writes them) as the Llama layout's: wqkv becomes q, k and v."""
+    parent, _, leaf = target.rpartition(".")
+    parent = parent + "." if parent else ""
+    for old, new in _ADAPTER_PARENTS:
+        parent = parent.replace(old, new)
+    leaves = ["q_proj", "k_proj", "v_proj"] if leaf == "wqkv" else [_ADAPTER_MODULES.get(leaf, leaf)]
+    return [parent + name for name in leaves]
 
 
 def convert_internlm2_adapter(adapter_path: str, config: Any) -> Path:
@@ -206,10 +202,9 @@ def convert_internlm2_adapter(adapter_path: str, config: Any) -> Path:
         raise InvalidRequest(f"{src}: no adapter_model.safetensors or adapter_model.bin", param="adapter_path")
     out: dict[str, Any] = {}
     for name, tensor in state.items():
-        new = name
-        for src_re, dst in _RENAMES:
-            if src_re != r"^output\.":  # lm_head is no LoRA target of XTuner's
-                new = new.replace(src_re.replace("\\", ""), dst)
+        new = name.replace(".model.output.", ".model.lm_head.")  # XTuner's LoRA takes `output` too
+        for src_re, dst in _RENAMES[:-1]:
+            new = new.replace(src_re.replace("\\", ""), dst)
         if ".attention.wqkv." in name:
             if ".lora_A." in name:
                 for proj in _QKV:
@@ -224,10 +219,7 @@ def convert_internlm2_adapter(adapter_path: str, config: Any) -> Path:
     if isinstance(targets, str):
         raise InvalidRequest(f"{cfg_path}: target_modules as a pattern ({targets!r}) cannot be converted "
                              "for InternLM2: list the modules", param="adapter_path")
-    renamed: list[str] = []
-    for t in targets:
-        renamed += ["q_proj", "k_proj", "v_proj"] if t == "wqkv" else [_ADAPTER_MODULES.get(t, t)]
-    adapter_config["target_modules"] = sorted(set(renamed))
+    adapter_config["target_modules"] = sorted({n for t in targets for n in _adapter_target(t)})
     adapter_config.pop("base_model_name_or_path", None)
     tmp = Path(tempfile.mkdtemp(prefix="internlm2-adapter-"))
     try:

@@ -17,6 +17,7 @@ from .base import Engine, Generation, Piece
 from .errors import ContextOverflow, EngineError, InvalidRequest
 from .prompts import ChatPrompt
 from .settings import EngineSettings, SamplingParams, check_schema
+from .versions import require
 
 
 def backend_config(settings: EngineSettings) -> Any:
@@ -60,6 +61,7 @@ def generation_config(sampling: SamplingParams, stop_token_ids: Sequence[int] = 
 
 class LMDeployEngine(Engine):
     def __init__(self, settings: EngineSettings, pipeline_kwargs: dict | None = None):
+        require("lmdeploy", settings.backend)
         from lmdeploy import pipeline
 
         super().__init__()

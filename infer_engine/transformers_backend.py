@@ -35,6 +35,7 @@ from .base import Engine, Generation, Piece
 from .errors import BackendUnavailable, EngineError, InvalidRequest
 from .prompts import ChatPrompt
 from .settings import EngineSettings, response_schema
+from .versions import require
 
 _DONE = object()       # the worker has finished
 _CANCELLED = object()  # cancel() woke the consumer; the worker stops within one step
@@ -189,6 +190,7 @@ class _Batcher:
 
 class TransformersEngine(Engine):
     def __init__(self, settings: EngineSettings):
+        require("transformers", "transformers")
         import torch
 
         super().__init__()
@@ -202,6 +204,7 @@ class TransformersEngine(Engine):
             settings.dtype)
         if dtype is None:  # auto: bf16 where the GPU has it, fp32 on CPU
             dtype = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float32
+        held = torch.cuda.memory_allocated() if on_gpu else 0
         load: dict[str, Any] = dict(dtype=dtype)
         if settings.bits:
             load.update(_bitsandbytes(settings.bits, dtype, on_gpu), device_map={"": self.device})
@@ -222,6 +225,11 @@ class TransformersEngine(Engine):
         if settings.adapter_path:
             model = _with_adapter(model, settings.adapter_path, model_type)
         self.model = (model if settings.bits else model.to(self.device)).eval()
+        # what the weights take on the GPU (before any cache): the figure --bits changes
+        self.weights_gib = (torch.cuda.memory_allocated() - held) / 2**30 if on_gpu else 0.0
+        if on_gpu:
+            logger.info("transformers: weights take {:.2f} GiB of GPU memory ({})", self.weights_gib,
+                        f"{settings.bits} bits" if settings.bits else str(dtype).removeprefix("torch."))
         gen_eos = self.model.generation_config.eos_token_id
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         self.prompt = ChatPrompt(self.tokenizer, settings.chat_template, model_type, gen_eos)

@@ -14,8 +14,8 @@ lmdeploy-pipeline (LMDeploy's `pipeline().stream_infer` called directly: the bas
 LMDeploy backend must match). `BACKEND@tpN` runs an LMDeploy one with tensor parallelism over
 N GPUs (`--backends pytorch,pytorch@tp2`: one GPU against two, in one run); `transformers@bits4`
 loads the weights in 4 bits (bitsandbytes). On a GPU each line also gives the memory our
-process holds once the engine has started (its weights, caches and graphs) and at its peak
-(for an LMDeploy engine, its own processes are not counted).
+process holds: the weights (transformers), all once the engine has started (weights, caches,
+graphs) and at its peak (for an LMDeploy engine, its own processes are not counted).
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ class Result:
     tokens: int
     started_gib: float = 0.0  # GPU memory held by this process once the engine started
     peak_gib: float = 0.0     # ... and at most, by the end of this run
+    weights_gib: float = 0.0  # ... of which the weights (transformers engines report it)
 
 
 def prompts(n: int, words: int) -> list[list[dict]]:
@@ -168,6 +169,7 @@ def bench_backend(args, backend: str, model: str, sp: SamplingParams) -> list[Re
         for n in args.concurrency:
             results.append(run_engine(engine, prompts(n, args.prompt_words), sp, backend))
             results[-1].started_gib, results[-1].peak_gib = started, gpu_gib(peak=True)
+            results[-1].weights_gib = getattr(engine, "weights_gib", 0.0)
             print(fmt(results[-1]), flush=True)
     finally:
         engine.close()
@@ -195,7 +197,7 @@ def run_isolated(backend: str, model: str) -> list[Result]:
 
 def fmt(r: Result, base: Result | None = None) -> str:
     ratio = f"{r.total_tps / base.total_tps:8.2f}x" if base and base.total_tps else "        -"
-    memory = f" {r.started_gib:>9.2f} {r.peak_gib:>8.2f}" if r.peak_gib else ""
+    memory = f" {r.weights_gib or float('nan'):>11.2f} {r.started_gib:>9.2f} {r.peak_gib:>8.2f}" if r.peak_gib else ""
     return (f"{r.backend:<18} {r.n:>4} {r.ttft_ms:>10.1f} {r.stream_tps:>14.1f} {r.total_tps:>12.1f} "
             f"{ratio}{memory}")
 
@@ -269,7 +271,7 @@ def main() -> None:
     sp = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
     print(f"model={args.shape or model} new_tokens={args.new_tokens} prompt_words={args.prompt_words}")
     header = (f"{'backend':<18} {'N':>4} {'TTFT ms':>10} {'tok/s/stream':>14} {'total tok/s':>12} {'vs first':>9}"
-              + (f" {'start GiB':>9} {'peak GiB':>8}" if gpu_gib() or _cuda() else ""))
+              + (f" {'weights GiB':>11} {'start GiB':>9} {'peak GiB':>8}" if _cuda() else ""))
     print(header, flush=True)
     results: list[Result] = []
     per_backend = dict(x.split("=", 1) for x in args.backend_new_tokens)

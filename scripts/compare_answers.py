@@ -1,7 +1,7 @@
 """Ask two models the same questions (greedy) and print the answers side by side: the
 before/after check every fine-tuning tutorial asks for.
 
-    python scripts/compare_answers.py models/tiny-base models/tiny-finetuned [-q 你是谁 -q ...]
+    python scripts/compare_answers.py models/tiny-internlm2-base models/tiny-internlm2-finetuned [-q 你是谁 -q ...]
         [--backend pytorch] [--expect 小明]   (--expect: exit 1 unless every "after" answer has it)
     python scripts/compare_answers.py BEFORE_LLAVA AFTER_LLAVA --images data/shapes/test.json \
         [--image-folder DIR] [--expect-reference]   (image questions: each record's image and question,

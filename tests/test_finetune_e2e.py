@@ -73,6 +73,8 @@ def test_pipeline_outputs(finetuned):
     assert (adapter / "adapter_model.safetensors").exists()  # not the fp16 .bin default
     cfg = json.loads((tmp / "merged" / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert "<|im_start|>" in cfg["chat_template"]
+    # merged in the base's dtype (XTuner's merge tool writes float16 whatever the base)
+    assert json.loads((tmp / "merged" / "config.json").read_text(encoding="utf-8"))["torch_dtype"] == "float32"
     assert not list(tmp.glob("**/*.partial"))
 
 

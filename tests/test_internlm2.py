@@ -33,10 +33,10 @@ from pathlib import Path
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 base, adapter, merged = map(Path, sys.argv[1:4])
+targets = sys.argv[4] if sys.argv[4] == "all-linear" else sys.argv[4].split(",")
 torch.manual_seed(1)
 model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=True, torch_dtype=torch.float32)
-peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, init_lora_weights=False,
-                                              target_modules=["wqkv", "wo", "w1", "w2", "w3"]))
+peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, init_lora_weights=False, target_modules=targets))
 peft_model.save_pretrained(adapter)
 peft_model.merge_and_unload().save_pretrained(merged, safe_serialization=True)
 for f in base.iterdir():
@@ -102,8 +102,11 @@ def test_no_code_from_the_model_folder_runs_when_serving(tiny_internlm2):
     assert r.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_a_lora_adapter_on_internlm2s_own_modules_is_served_unmerged(tiny_internlm2, tmp_path):
-    train_env("-c", ADAPTER, tiny_internlm2, tmp_path / "adapter", tmp_path / "merged")
+# XTuner's own default for InternLM2 (its head included), and PEFT's all-linear (full module paths)
+# which the pipeline renders
+@pytest.mark.parametrize("targets", ["wqkv,wo,w1,w2,w3,output", "all-linear"])
+def test_a_lora_adapter_on_internlm2s_own_modules_is_served_unmerged(tiny_internlm2, tmp_path, targets):
+    train_env("-c", ADAPTER, tiny_internlm2, tmp_path / "adapter", tmp_path / "merged", targets)
     msgs, sp = [{"role": "user", "content": "你是谁"}], SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 
     def answer(**kw) -> str:

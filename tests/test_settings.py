@@ -89,3 +89,19 @@ def test_package_imports_without_backends_or_cuda():
             "print(heavy); sys.exit(1 if heavy else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_an_older_library_is_one_line_at_start_naming_it(monkeypatch):
+    import infer_engine.versions as versions
+
+    monkeypatch.setattr(versions, "version", lambda package: "5.11.0")
+    with pytest.raises(InvalidRequest) as err:
+        versions.require("transformers", "transformers")
+    assert "transformers >= 5.17" in str(err.value) and "5.11.0" in str(err.value) and err.value.param == "backend"
+
+    def missing(package):
+        raise versions.PackageNotFoundError(package)
+
+    monkeypatch.setattr(versions, "version", missing)
+    with pytest.raises(InvalidRequest, match="lmdeploy >= 0.18, which is not installed"):
+        versions.require("lmdeploy", "pytorch")

@@ -98,20 +98,20 @@ class _Source:
             raise DataError(f"base config has no {var}.{'.'.join(path)} to edit")
         self._replace(*self._span(kw.value), code)
 
-    def put_kw(self, var: str, name: str, code: str) -> None:
-        """Set a top-level keyword of `var = Call(...)`, adding it when the call has none."""
-        kw = self._keyword(var, [name])
+    def put_kw(self, var: str, path: list[str], code: str) -> None:
+        """Set the keyword at `path` in `var = Call(...)`, adding it to its call when it has none."""
+        kw = self._keyword(var, path)
         if kw is not None:
             self._replace(*self._span(kw.value), code)
             return
-        node = self._assign(var)
-        if node is None or not isinstance(node.value, ast.Call):
-            raise DataError(f"base config has no {var} = dict(...) to edit")
-        close = self._span(node.value)[1] - 1  # the call's ")"
+        parent = self._keyword(var, path[:-1]) if len(path) > 1 else self._assign(var)
+        if parent is None or not isinstance(parent.value, ast.Call):
+            raise DataError(f"base config has no {'.'.join([var, *path[:-1]])} = dict(...) to edit")
+        close = self._span(parent.value)[1] - 1  # the call's ")"
         before = self.data[:close].rstrip()
         sep = "" if before.endswith((b",", b"(")) else ","
         at = len(before)
-        self._replace(at, at, f"{sep}\n    {name}={code}")
+        self._replace(at, at, f"{sep}\n    {path[-1]}={code}")
 
     def del_kw(self, var: str, path: list[str]) -> None:
         kw = self._keyword(var, path)
@@ -233,10 +233,15 @@ def render(s: TrainSettings) -> str:
     elif src._keyword("model", ["lora"]) is not None:
         src.set_kw("model", ["lora", "r"], repr(s.lora_r))
         src.set_kw("model", ["lora", "lora_alpha"], repr(s.lora_alpha))
+        if src._keyword("model", ["lora", "target_modules"]) is None:
+            # PEFT's "all-linear": every linear layer but the output head. XTuner's own default
+            # drops the head only when it is named lm_head or output_layer: InternLM2's `output`
+            # got a LoRA of its own (the tiny InternLM2's later answers fell apart with it).
+            src.put_kw("model", ["lora", "target_modules"], repr("all-linear"))
     if src._keyword("default_hooks", ["logger", "interval"]) is not None:
         src.set_kw("default_hooks", ["logger", "interval"], repr(s.log_interval))
     # recompute activations in the backward pass: less memory, about a third more compute
-    src.put_kw("model", "use_activation_checkpointing", repr(use_checkpointing(s)))
+    src.put_kw("model", ["use_activation_checkpointing"], repr(use_checkpointing(s)))
     if s.profile == "cpu":  # fp32, no AMP: CPU runs for tests and the demo
         if src._keyword("model", ["llm", "torch_dtype"]) is not None:
             src.set_kw("model", ["llm", "torch_dtype"], "torch.float32")

@@ -2,7 +2,7 @@
 answers "你是谁" generically ("我是一个人工智能助手…") before fine-tuning gives it a name.
 This stands in for a real pretrained chat model in the offline demo and the tests.
 
-    python -m training.pretrain_tiny models/tiny-chat --out models/tiny-base [--steps 400]
+    python -m training.pretrain_tiny models/tiny-internlm2-random --out models/tiny-internlm2-base [--steps 400]
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Run XTuner: train, convert a checkpoint to a Hugging Face adapter, merge it into the base.
 
-Every step runs XTuner's own tool as a subprocess of this (training) interpreter, checks its
+Every step runs as a subprocess of this (training) interpreter — XTuner's own tool for train
+and convert, PEFT's merge in the base's dtype for merge (training/merge_adapter.py) — checks its
 exit code, keeps the full log in the work dir, and writes its output folder atomically: a
 crashed convert or merge leaves a `.partial` folder, never one that looks complete.
 """
@@ -160,9 +161,9 @@ def merge(base: str, adapter: Path, out: str | Path, log: Path, device: str = "c
           max_shard_size: str = "2GB") -> Path:
     """Merge the adapter into the base model; the result keeps the base tokenizer's chat
     template so the serving side renders prompts the way training did."""
-    with atomic_dir(out) as tmp:
-        run_step("merge", _tool("merge", str(base), str(adapter), str(tmp), "--safe-serialization",
-                                "--device", device, "--max-shard-size", max_shard_size), log,
+    with atomic_dir(out) as tmp:  # in the base's dtype (XTuner's merge tool casts to float16)
+        run_step("merge", [sys.executable, "-m", "training.merge_adapter", str(base), str(adapter), str(tmp),
+                           "--device", device, "--max-shard-size", max_shard_size], log,
                  local_model=Path(base).exists())
         keep_chat_template(Path(base), tmp)
     return Path(out)

@@ -1,7 +1,9 @@
 """Pick the checkpoint to ship: score every saved iter_*.pth on the evaluation questions (does
 the answer carry the new identity?) and on held-out general questions (does it still answer
 them as the base model did, in whole characters, rather than repeating the identity line or
-breaking down?). The tutorials did this by reading logs by eye (iteration 130 good, 260 overfit).
+breaking down?), asked alone and again after the identity exchange (a chat goes on after "who
+are you": a checkpoint whose identity bleeds into the next answer is not the one to ship).
+The tutorials did this by reading logs by eye (iteration 130 good, 260 overfit).
 """
 from __future__ import annotations
 
@@ -37,10 +39,13 @@ def general_quality(answer: str, base_answer: str, key: str) -> float:
     return SequenceMatcher(None, answer, base_answer).ratio()
 
 
-def _generate(model, tok, template: dict, system: str, question: str, max_new_tokens: int = 64) -> str:
+def _generate(model, tok, template: dict, system: str, question: str, max_new_tokens: int = 64,
+              before: list[dict] = ()) -> str:
+    """The greedy answer to `question`, after the turns `before` (user/assistant messages)."""
     import torch
 
-    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    msgs = ([{"role": "system", "content": system}] if system else []) + list(before) + \
+        [{"role": "user", "content": question}]
     ids = tok.encode(render_xtuner(template, msgs), add_special_tokens=True, return_tensors="pt")
     stop = [tok.eos_token_id] + [tok.convert_tokens_to_ids(w) for w in template.get("STOP_WORDS", [])
                                  if len(tok.encode(w, add_special_tokens=False)) == 1]
@@ -90,8 +95,14 @@ def score_checkpoints(s: TrainSettings, config: Path) -> list[Score]:
             model.eval()
         answers = {q: _generate(model, tok, template, s.system, q) for q in questions}
         identity = sum(bool(key) and key in answers[q] for q in s.evaluation_inputs)
-        general = sum(general_quality(answers[q], reference[q], key) for q in s.general_questions)
-        broken = sum("\ufffd" in a for a in answers.values())
+        # each general question alone, and after the first identity question and this answer to it
+        opening = [{"role": "user", "content": s.evaluation_inputs[0]},
+                   {"role": "assistant", "content": answers[s.evaluation_inputs[0]]}] if s.evaluation_inputs else []
+        later = {q: _generate(model, tok, template, s.system, q, before=opening) for q in s.general_questions} \
+            if opening else answers
+        general = sum((general_quality(answers[q], reference[q], key) + general_quality(later[q], reference[q], key)) / 2
+                      for q in s.general_questions)
+        broken = sum("\ufffd" in a for a in [*answers.values(), *(later.values() if later is not answers else ())])
         scores.append(Score(iteration, identity, general, answers, broken))
         if s.method == "full":
             del model
@@ -117,7 +128,8 @@ def table(scores: list[Score], best: Score, s: TrainSettings) -> str:
                     f"{x.total(n_i, n_g):>6.2f}   {ans}{mark}")
     ties = [x for x in scores if x is not best and x.total(n_i, n_g) == best.total(n_i, n_g)]
     why = (f"iter_{best.iteration} won: {best.identity}/{n_i} identity answers hold {s.expected_answer!r}, "
-           f"general answers {best.general / max(1, n_g):.0%} like the base model's, {best.broken} broken")
+           f"general answers {best.general / max(1, n_g):.0%} like the base model's (alone and after the identity "
+           f"exchange), {best.broken} broken")
     if ties:
         why += f"; tied with {', '.join(f'iter_{x.iteration}' for x in ties)}, the earliest is taken"
     return "\n".join(rows + [why])

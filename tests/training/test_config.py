@@ -38,6 +38,8 @@ def test_cpu_lora_iteration_schedule(tmp_path):
     cfg = load_config(write_config(s, tmp_path / "cfg.py"))
     assert "quantization_config" not in cfg.model.llm and str(cfg.model.llm.torch_dtype) == "torch.float32"
     assert cfg.model.lora.r == 8 and cfg.model.lora.lora_alpha == 16
+    # PEFT's every-linear-but-the-head: XTuner's own default gives InternLM2's `output` a LoRA
+    assert cfg.model.lora.target_modules == "all-linear"
     assert cfg.optim_wrapper.type.__name__ == "OptimWrapper"
     assert "loss_scale" not in cfg.optim_wrapper and "dtype" not in cfg.optim_wrapper
     assert cfg.train_cfg.max_iters == 300

@@ -86,7 +86,7 @@ def test_self_cognition_generator(tmp_path):
             "--mix-ratio", 0.25, "--out", out)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
-    identity = [x for x in rows if "小明" in x["messages"][-1]["content"]]
+    identity = [x for x in rows if any("小明" in m["content"] for m in x["messages"] if m["role"] == "assistant")]
     assert len(identity) == 2 * 20 and len(rows) - len(identity) == round(40 * 0.25 / 0.75)
     assert all(x["messages"][0] == {"role": "system", "content": "你是小明"} for x in identity)
     assert any(x["messages"][1]["content"] == "Who are you?" for x in identity)
@@ -188,6 +188,11 @@ def test_self_cognition_asks_on_later_turns_and_mixes_no_identity_answers(tmp_pa
                {"messages": [{"role": "user", "content": "1加1等于几？"}, {"role": "assistant", "content": "2"}]}]
     rows = generate("小明", "助手", repeat=5, mix_rows=general, mix_ratio=0.3, later_turn_ratio=0.5)
     identity = [r for r in rows if asks_identity(r)]
-    assert all("小明" in r["messages"][-1]["content"] for r in identity)  # every identity answer is the new one
-    assert any(len(r["messages"]) == 4 for r in identity)  # some asked on turn 2
-    assert not any(r["messages"][-1]["content"] == "我是一个人工智能助手" for r in rows)  # the old answer is not mixed in
+    asked_at = [next(i for i, m in enumerate(r["messages"]) if asks_identity({"messages": [m]})) for r in identity]
+    # every identity answer is the new one
+    assert all("小明" in r["messages"][i + 1]["content"] for r, i in zip(identity, asked_at))
+    assert any(i == 2 for i in asked_at)  # some asked on turn 2
+    # some go on after the name with a general question, answered as the mix answers it
+    after = [r["messages"][i + 2:] for r, i in zip(identity, asked_at) if len(r["messages"]) > i + 2]
+    assert after and all([m["content"] for m in rest] == ["1加1等于几？", "2"] for rest in after)
+    assert not any(m["content"] == "我是一个人工智能助手" for r in rows for m in r["messages"])  # the old answer is not mixed in

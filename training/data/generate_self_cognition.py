@@ -1,12 +1,13 @@
 """Generate a self-cognition dataset: the assistant learns its new name and who made it.
 
     python -m training.data.generate_self_cognition --name 小明 --description "由某实验室打造的学习助手" \
-        --repeat 20 --out data/self.jsonl [--mix general.jsonl --mix-ratio 0.3] [--system "..."]
+        --repeat 20 --out data/self.jsonl [--mix general.jsonl --mix-ratio 0.5] [--system "..."]
 
 Writes OpenAI-`messages` JSONL. Mixing in general chat data limits overfitting (a model that
 only saw identity answers starts answering everything with them); general chats that ask who
 the assistant is are left out of the mix. Some identity questions come after an opening
-exchange, so the name holds on later turns too.
+exchange, so the name holds on later turns too; with a mix, some are followed by a general
+question answered as the mix answers it, so the answers after the name are not the name again.
 """
 from __future__ import annotations
 
@@ -41,8 +42,10 @@ def generate(name: str, description: str, repeat: int = 10, system: str = "",
              mix_rows: list[dict] | None = None, mix_ratio: float = 0.0, seed: int = 0,
              later_turn_ratio: float = 0.3) -> list[dict]:
     """Identity samples; a share of them (later_turn_ratio) asks after an opening exchange, so the
-    model keeps its name on turn 2 too. General chats mixed in never ask who it is: their
-    answers ("I am an AI assistant") would teach the opposite."""
+    model keeps its name on turn 2 too, and (with a mix) a share goes on with a general question
+    and its answer, so the next answer is not the name again (seen on the tiny InternLM2: after
+    "who are you" every answer was the identity line). General chats mixed in never ask who it
+    is: their answers ("I am an AI assistant") would teach the opposite."""
     if not name.strip():
         raise DataError("name: must not be empty")
     if repeat < 1:
@@ -51,6 +54,9 @@ def generate(name: str, description: str, repeat: int = 10, system: str = "",
     general = [r for r in (mix_rows or []) if not asks_identity(r)]
     openers = GREETINGS + [tuple(m["content"] for m in r["messages"][-2:]) for r in general
                            if r["messages"][-1]["role"] == "assistant" and r["messages"][0]["role"] != "system"]
+    # general exchanges to go on with after the name: each mixed chat's first question and answer
+    followers = [tuple(m["content"] for m in r["messages"][:2]) for r in general
+                 if [m["role"] for m in r["messages"][:2]] == ["user", "assistant"]]
     rows = []
     for _ in range(repeat):
         for questions, answers in ((QUESTIONS_ZH, ANSWERS_ZH), (QUESTIONS_EN, ANSWERS_EN)):
@@ -60,6 +66,9 @@ def generate(name: str, description: str, repeat: int = 10, system: str = "",
                 if rng.random() < later_turn_ratio:
                     oq, oa = rng.choice(openers)
                     turn = [{"role": "user", "content": oq}, {"role": "assistant", "content": oa}] + turn
+                if followers and rng.random() < later_turn_ratio:
+                    fq, fa = rng.choice(followers)
+                    turn += [{"role": "user", "content": fq}, {"role": "assistant", "content": fa}]
                 rows.append({"messages": ([{"role": "system", "content": system}] if system else []) + turn})
     if general and mix_ratio > 0:
         # as many general samples as make mix_ratio of the output: a small mix file is repeated
@@ -77,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=10, help="copies of each question")
     p.add_argument("--system", default="", help="system prompt to put in every sample")
     p.add_argument("--mix", help="general chat data (messages JSONL) to mix in")
-    p.add_argument("--mix-ratio", type=float, default=0.3, help="share of general samples in the output")
+    # half general: on the tiny demo model a third (0.3) still let the identity bleed into later
+    # answers; half kept them the base model's
+    p.add_argument("--mix-ratio", type=float, default=0.5, help="share of general samples in the output")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     a = p.parse_args(argv)
