@@ -7,6 +7,7 @@ LMDeploy 0.18: the one run here (`pipeline().session()`, `stream_infer(sessions=
 """
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
 from .errors import InvalidRequest
@@ -19,9 +20,12 @@ def require(package: str, backend: str) -> None:
     want = ".".join(map(str, MINIMUM[package]))
     try:
         have = version(package)
-    except PackageNotFoundError:
-        raise InvalidRequest(f"the {backend} backend needs {package} >= {want}, which is not installed "
-                             f"(pip install -r requirements.txt)", param="backend") from None
+    except PackageNotFoundError:  # a package unpacked without its metadata (our GPU host's LMDeploy)
+        try:
+            have = str(importlib.import_module(package).__version__)
+        except (ImportError, AttributeError):
+            raise InvalidRequest(f"the {backend} backend needs {package} >= {want}, which is not installed "
+                                 f"(pip install -r requirements.txt)", param="backend") from None
     parts = []
     for piece in have.split(".")[:2]:
         digits = "".join(c for c in piece if c.isdigit())

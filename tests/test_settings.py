@@ -103,5 +103,11 @@ def test_an_older_library_is_one_line_at_start_naming_it(monkeypatch):
         raise versions.PackageNotFoundError(package)
 
     monkeypatch.setattr(versions, "version", missing)
+    versions.require("lmdeploy", "pytorch")  # no metadata (unpacked, as on our GPU host): its __version__
+
+    def not_importable(name):
+        raise ImportError(name)
+
+    monkeypatch.setattr(versions.importlib, "import_module", not_importable)
     with pytest.raises(InvalidRequest, match="lmdeploy >= 0.18, which is not installed"):
         versions.require("lmdeploy", "pytorch")
