@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED=1
 if [ "$what" = train ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/train-site .whl-train/*.whl
   export PYTHONPATH=/tmp/train-site:$PWD
-  [ -d gpu-work/base ] || python3 scripts/build_tiny_model.py --shape internlm2-1.8b --device cuda --out gpu-work/base
+  [ -d gpu-work/base ] || python3 scripts/build_tiny_model.py --shape internlm2-1.8b --arch qwen2 --device cuda --out gpu-work/base
   [ -d gpu-work/clip ] || python3 scripts/build_tiny_model.py --clip --shape clip-vit-l-14-336 --device cuda \
       --out gpu-work/clip
   python3 -m training.data.shapes gpu-work/shapes --per-colour 100

@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}; mkdir -p "$out" gpu-work
 what=${1:-serve}
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 INTERNLM2_CODE=$PWD/.whl/internlm2  # InternLM2 shapes copy its code from here (prepare_gpu_wheels.sh)
 if [ "$what" = serve ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   tar xzf .whl/lmdeploy-pt.tgz -C /tmp/site
