@@ -27,10 +27,11 @@ from typing import Any
 
 from .errors import InvalidRequest
 
-def read_config(model_path: str | Path) -> dict:
-    """The folder's config.json as a dict ({} when there is none or it is unreadable)."""
+def read_config(model_path: str | Path, name: str = "config.json") -> dict:
+    """One of the folder's JSON files (config.json by default) as a dict ({} when there is none
+    or it is unreadable)."""
     try:
-        config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((Path(model_path) / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return config if isinstance(config, dict) else {}
@@ -39,11 +40,7 @@ def read_config(model_path: str | Path) -> dict:
 def read_eos_ids(model_path: str | Path) -> list[int]:
     """The end-of-reply ids of the folder's generation_config.json (else config.json)."""
     for name in ("generation_config.json", "config.json"):
-        try:
-            config = json.loads((Path(model_path) / name).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        eos = config.get("eos_token_id") if isinstance(config, dict) else None
+        eos = read_config(model_path, name).get("eos_token_id")
         if eos is not None:
             eos = eos if isinstance(eos, list) else [eos]
             return [int(i) for i in eos if isinstance(i, int)]
@@ -165,19 +162,18 @@ def _internlm2_class() -> type:
 
 
 # -- LoRA adapters trained on InternLM2's own modules ------------------------------------------
-_ADAPTER_MODULES = {"wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj", "output": "lm_head"}
-_ADAPTER_PARENTS = (("attention.", "self_attn."), ("feed_forward.", "mlp."))
+_LEAVES = {"wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj", "output": "lm_head"}
+_PARENTS = {"attention": "self_attn", "feed_forward": "mlp"}
 
 
-def _adapter_target(target: str) -> list[str]:
-    """One of an adapter's target_modules (a module name, or a full path as PEFT's "all-linear"
-    writes them) as the Llama layout's: wqkv becomes q, k and v."""
-    parent, _, leaf = target.rpartition(".")
-    parent = parent + "." if parent else ""
-    for old, new in _ADAPTER_PARENTS:
-        parent = parent.replace(old, new)
-    leaves = ["q_proj", "k_proj", "v_proj"] if leaf == "wqkv" else [_ADAPTER_MODULES.get(leaf, leaf)]
-    return [parent + name for name in leaves]
+def _llama_modules(path: str) -> list[str]:
+    """A module's dotted path in InternLM2 (a LoRA target, as a bare name or a full path as PEFT's
+    all-linear writes them, or the module part of an adapter weight's key) as the Llama layout's:
+    wqkv becomes q_proj, k_proj and v_proj."""
+    *parents, leaf = path.split(".")
+    parents = [_PARENTS.get(p, p) for p in parents]
+    leaves = [q.rpartition(".")[2] for q in _QKV] if leaf == "wqkv" else [_LEAVES.get(leaf, leaf)]
+    return [".".join([*parents, name]) for name in leaves]
 
 
 def convert_internlm2_adapter(adapter_path: str, config: Any) -> Path:
@@ -202,24 +198,20 @@ def convert_internlm2_adapter(adapter_path: str, config: Any) -> Path:
         raise InvalidRequest(f"{src}: no adapter_model.safetensors or adapter_model.bin", param="adapter_path")
     out: dict[str, Any] = {}
     for name, tensor in state.items():
-        new = name.replace(".model.output.", ".model.lm_head.")  # XTuner's LoRA takes `output` too
-        for src_re, dst in _RENAMES[:-1]:
-            new = new.replace(src_re.replace("\\", ""), dst)
-        if ".attention.wqkv." in name:
-            if ".lora_A." in name:
-                for proj in _QKV:
-                    out[name.replace("attention.wqkv", proj)] = tensor.clone()
-            else:  # lora_B (rows of wqkv)
-                for proj, part in zip(_QKV, unpack_qkv(tensor, config.num_attention_heads,
-                                                       config.num_key_value_heads, config.head_dim)):
-                    out[name.replace("attention.wqkv", proj)] = part
-            continue
-        out[new] = tensor
+        module, lora, rest = name.partition(".lora_")  # base_model.model.<module>.lora_A.weight
+        modules = _llama_modules(module)
+        if len(modules) == 1:  # XTuner's LoRA takes `output` (the head) too: renamed like the rest
+            out[modules[0] + lora + rest] = tensor
+        elif rest.startswith("A."):  # wqkv's A: the same for q, k and v
+            out.update((m + lora + rest, tensor.clone()) for m in modules)
+        else:  # wqkv's B: its rows, split as the weight is
+            parts = unpack_qkv(tensor, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+            out.update((m + lora + rest, part) for m, part in zip(modules, parts))
     targets = adapter_config.get("target_modules") or []
     if isinstance(targets, str):
         raise InvalidRequest(f"{cfg_path}: target_modules as a pattern ({targets!r}) cannot be converted "
                              "for InternLM2: list the modules", param="adapter_path")
-    adapter_config["target_modules"] = sorted({n for t in targets for n in _adapter_target(t)})
+    adapter_config["target_modules"] = sorted({n for t in targets for n in _llama_modules(t)})
     adapter_config.pop("base_model_name_or_path", None)
     tmp = Path(tempfile.mkdtemp(prefix="internlm2-adapter-"))
     try:

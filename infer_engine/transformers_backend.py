@@ -30,7 +30,7 @@ from typing import Any, Iterator, Sequence
 
 from loguru import logger
 
-from .architectures import convert_internlm2_adapter, is_vision_model, native_model
+from .architectures import convert_internlm2_adapter, is_vision_model, native_model, read_config
 from .base import Engine, Generation, Piece
 from .errors import BackendUnavailable, EngineError, InvalidRequest
 from .prompts import ChatPrompt
@@ -285,10 +285,10 @@ class TransformersEngine(Engine):
         (transformers compiles a static-cache generate with CUDA graphs) by a short warm-up."""
         from transformers import StaticCache
 
-        cache = StaticCache(config=self.model.config, max_cache_len=self.session_len)
         if getattr(getattr(self.model, "hf_quantizer", None), "is_compileable", True) is False:
             logger.info("transformers: this quantization cannot be compiled; one stream decodes eagerly")
             return None
+        cache = StaticCache(config=self.model.config, max_cache_len=self.session_len)
         started = time.perf_counter()
         ids = self.prompt.encode([{"role": "user", "content": "hello"}])
         for _ in range(2):  # the first call compiles, the second records the CUDA graph
@@ -518,8 +518,7 @@ def _tokenizer(model_path: str, trust_remote_code: bool, config: Any) -> Any:
     except ValueError as exc:
         if trust_remote_code or not ("trust_remote_code" in str(exc) or "does not exist" in str(exc)):
             raise
-        cls = json.loads((Path(model_path) / "tokenizer_config.json").read_text(encoding="utf-8")) \
-            .get("tokenizer_class", "?") if (Path(model_path) / "tokenizer_config.json").exists() else "?"
+        cls = read_config(model_path, "tokenizer_config.json").get("tokenizer_class", "?")
         raise InvalidRequest(f"{model_path}: its tokenizer ({cls}) is code in the model folder, which runs only "
                              "with --trust-remote-code (the model itself loads with transformers' own classes)",
                              param="trust_remote_code") from None

@@ -204,12 +204,10 @@ def fmt(r: Result, base: Result | None = None) -> str:
 
 def gpu_gib(peak: bool = False) -> float:
     """GiB of GPU memory this process holds now (or at most so far); 0 without CUDA."""
-    try:
-        import torch
-    except ImportError:
+    if not _cuda():
         return 0.0
-    if not torch.cuda.is_available():
-        return 0.0
+    import torch
+
     return (torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()) / 2**30
 
 
