@@ -282,6 +282,7 @@ class Generation:
         self.raw_prompt: str | None = None    # a plain completion: this text, no chat template
         self.images = [im for m in messages for im in m.get("images", ())]  # in prompt order
         self.cancelled = threading.Event()
+        self.streamed = False  # a request is streamed once
         self._callbacks: list[Callable[[], Any]] = []
         self._lock = threading.Lock()
 
@@ -346,7 +347,22 @@ class Engine(abc.ABC):
               continue_final: bool = False) -> None:
         """Raise what `stream_chat` would raise for this request (bad input, too long for the
         context) without generating anything."""
-        self._prepare(messages, sampling, "", continue_final)
+        self.prepare(messages, sampling, continue_final)
+
+    def prepare(self, messages: Sequence[Message], sampling: SamplingParams | None = None,
+                continue_final: bool = False) -> Generation:
+        """The request checked and fitted to the context once (raises what `stream_chat` would):
+        a caller that must know a request is accepted before it commits to it (the chat page
+        saves the question only then) streams this same request with `stream_prepared`."""
+        return self._prepare(messages, sampling, "", continue_final)
+
+    def stream_prepared(self, gen: Generation, session_id: str = "default") -> Iterator[Delta]:
+        """Stream a request from `prepare` (once) as `stream_chat` streams a new one."""
+        if gen.streamed:
+            raise ValueError("a prepared request streams once")
+        gen.streamed = True
+        gen.session_id = session_id
+        return self._stream(gen)
 
     def _prepare(self, messages: Sequence[Message], sampling: SamplingParams | None,
                  session_id: str, continue_final: bool = False) -> Generation:
@@ -394,6 +410,7 @@ class Engine(abc.ABC):
         return self._stream(gen)
 
     def _stream(self, gen: Generation) -> Iterator[Delta]:
+        gen.streamed = True
         self._sessions.add(gen.session_id, gen)
         try:
             meter = UsageMeter(prompt_tokens=len(gen.prompt_ids or ()))

@@ -67,6 +67,9 @@ class SyntheticSettings:
         "synthetic backend (tests, benchmarks; no model): tokens per second per stream, 0 = unpaced"))
     reply_tokens: int = field(default=0, metadata=_help(
         "synthetic backend: reply length in tokens (0: echo the question, then end the turn)"))
+    cpu_ms_per_token: float = field(default=0.0, metadata=_help(
+        "synthetic backend: milliseconds of Python work per token, holding the GIL, as a real engine's own "
+        "loop in the app's process costs (benchmarks: reproduces a GPU engine's load on the app on a CPU)"))
     model_name: str = field(default="synthetic", metadata=_help("synthetic backend: model name shown"))
     accepts_images: bool = field(default=False, metadata=_help(
         "synthetic backend: take images in user messages, as a vision-language model does"))

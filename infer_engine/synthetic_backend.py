@@ -9,6 +9,10 @@ images, which it takes with `accepts_images`), then, with `reply_tokens`, goes o
 with numbered filler words up to that many tokens (a token is one word here). It honours
 max_new_tokens, stop strings, ignore_eos and cancel like every backend (the protocol is
 Engine's); it has no context window (nothing is tokenized).
+
+`cpu_ms_per_token` makes every token cost that much pure-Python work on the stream's thread
+(holding the GIL, as LMDeploy's engine loop and detokenizer do in the app's process): the app's
+load benchmark on a CPU then meets the contention a GPU engine brings (scripts/bench_app.py).
 """
 from __future__ import annotations
 
@@ -54,6 +58,18 @@ class SyntheticEngine(Engine):
                     return
             elif gen.cancelled.is_set():
                 return
+            if self.settings.cpu_ms_per_token > 0:
+                _burn(self.settings.cpu_ms_per_token / 1000)
             count += 1
             yield Piece(word, completion_tokens=count)
         yield Piece("", completion_tokens=count, finish_reason="stop")
+
+
+def _burn(seconds: float) -> None:
+    """Busy Python bytecode for `seconds` of this thread's CPU time (the GIL held, released only at
+    the interpreter's switch interval, as any pure-Python loop does)."""
+    end = time.thread_time() + seconds
+    n = 0
+    while time.thread_time() < end:
+        for _ in range(200):
+            n += 1

@@ -88,15 +88,11 @@ class Recorder(Engine):
     def generate(self, gen):
         return self.inner.generate(gen)
 
-    def stream_chat(self, messages, sampling=None, session_id="default", continue_final=False):
-        stream = super().stream_chat(messages, sampling, session_id, continue_final)
-
-        def recorded():
-            for d in stream:
-                if d.usage:
-                    self.finished[session_id] = (d.usage.finish_reason, d.usage.completion_tokens)
-                yield d
-        return recorded()
+    def _stream(self, gen):  # every stream: stream_chat's and stream_prepared's
+        for d in super()._stream(gen):
+            if d.usage:
+                self.finished[gen.session_id] = (d.usage.finish_reason, d.usage.completion_tokens)
+            yield d
 
     def close(self):
         self.inner.close()

@@ -57,7 +57,7 @@ class App:
         q = self.demo._queue
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if not self.engine.running_sessions() and not len(self.ui._turns) and not self.ui._live \
+            if not self.engine.running_sessions() and not self.ui.service.busy() \
                     and all(job is None for job in q.active_jobs) and not len(q) \
                     and all(m.empty() for m in list(q.pending_messages_per_session.values())):
                 return

@@ -1,0 +1,105 @@
+"""The side panel: the visitor's chats (new, switch, rename, delete), the form, export and import.
+Every change of chat stops the chat's reply first (Conversations does) and shows the chat as the
+store has it."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from .conversation import Conversations
+from .form import FormFields, slider_settings
+from .history import display, feedback_of
+from .page import refusal, refusing, system_hint
+from .store import Chat, export_json, markdown
+from .stream import STOP_READING
+
+
+class Sidebar:
+    def __init__(self, service: Conversations):
+        self.service = service
+        with gr.Sidebar(open=False, label="Chats"):
+            self.new_btn = gr.Button("+ New chat", size="sm", elem_id="new_chat")
+            self.chat_list = gr.Radio(choices=[], label="Your chats (kept in this browser)", elem_id="chat_list")
+            with gr.Row():
+                self.title_box = gr.Textbox(label="Rename this chat", placeholder="New title", scale=3,
+                                            elem_id="rename_box")
+                self.rename_btn = gr.Button("Rename", size="sm", scale=1, elem_id="rename")
+            self.delete_btn = gr.Button("Delete this chat", size="sm", variant="secondary", elem_id="delete_chat")
+            with gr.Accordion("Generation settings", open=False, elem_id="settings"):
+                self.form = FormFields(service, service.settings.system_prompt)
+            with gr.Accordion("Export / import", open=False, elem_id="export"):
+                self.fmt = gr.Radio(["JSON (training format)", "Markdown"], value="JSON (training format)",
+                                    label="Export this chat as")
+                self.export_btn = gr.Button("Export", size="sm", elem_id="export_btn")
+                self.export_file = gr.File(label="Download", visible=False, interactive=False, elem_id="export_file")
+                self.import_box = gr.Textbox(label="Import a chat: paste its JSON", lines=3, elem_id="import_box")
+                self.import_btn = gr.Button("Import", size="sm", elem_id="import_btn")
+                self.import_note = gr.Markdown("")
+
+    # -- what the page shows of a chat --------------------------------------------------
+    def chat_list_of(self, ptr: dict) -> Any:
+        chats = self.service.store.chats(ptr["browser"])
+        return gr.update(choices=[(c.title or "New chat", c.id) for c in chats], value=ptr["chat"])
+
+    def view(self, ptr: dict, chat: Chat) -> tuple:
+        """Everything the page shows of one chat: the chat list, the chat window, its form, the
+        system-prompt hint (the components of `view_outputs`)."""
+        return (self.chat_list_of(ptr), gr.update(value=display(chat.messages), feedback_value=feedback_of(chat.messages)),
+                *FormFields.values(self.service, chat), system_hint(chat.system))
+
+    def view_outputs(self, chatbot: Any, hint: Any) -> list:
+        return [self.chat_list, chatbot, *self.form.inputs, hint]
+
+    # -- events ---------------------------------------------------------------------------
+    async def new_chat(self, ptr: dict, system: str, *sliders: float) -> tuple:
+        ptr, chat = await self.service.new_chat(ptr, system, slider_settings(*sliders))
+        return (ptr, *self.view(ptr, chat), "")
+
+    async def switch_chat(self, ptr: dict, chat_id: str) -> tuple:
+        ptr, chat = await self.service.switch(ptr, chat_id)
+        return (ptr, *self.view(ptr, chat), "")
+
+    def rename_chat(self, ptr: dict, title: str) -> tuple:
+        return self.chat_list_of(self.service.rename(ptr, title)), ""
+
+    async def delete_chat(self, ptr: dict) -> tuple:
+        ptr, chat = await self.service.delete(ptr)
+        return (ptr, *self.view(ptr, chat), "")
+
+    @refusing(lambda exc: (gr.skip(), gr.skip()))
+    def save_settings(self, ptr: dict, system: str, *sliders: float) -> tuple:
+        ptr = self.service.save_settings(ptr, system, slider_settings(*sliders))
+        return ptr, system_hint(system or "")
+
+    def export_chat(self, ptr: dict, fmt: str) -> Any:
+        ptr, chat = self.service.session(ptr)
+        is_md = fmt.lower().startswith("markdown")
+        body = markdown(chat) if is_md else export_json(chat)
+        safe = "".join(ch for ch in chat.title if ch.isalnum() or ch in " -_")[:40].strip() or "chat"
+        path = Path(tempfile.mkdtemp(prefix="chat-export-")) / f"{safe}.{'md' if is_md else 'json'}"
+        path.write_text(body, encoding="utf-8")
+        return gr.update(value=str(path), visible=True)
+
+    @refusing(lambda exc: (*(gr.skip(),) * 10, refusal(exc), gr.skip()))
+    async def import_chat(self, ptr: dict, text: str) -> tuple:
+        ptr, chat, notice = await self.service.import_chat(ptr, text)
+        return (ptr, *self.view(ptr, chat), notice, "")
+
+    def wire(self, ptr: Any, chatbot: Any, hint: Any, stats: Any, reader: Any) -> None:
+        view = self.view_outputs(chatbot, hint)
+        # a change of chat stops the chat's reply: the page's reader stops reading at once
+        gr.on([self.new_btn.click, self.chat_list.input, self.delete_btn.click, self.import_btn.click],
+              None, None, [reader], js=STOP_READING)
+        self.new_btn.click(self.new_chat, [ptr, *self.form.inputs], [ptr, *view, stats], api_visibility="private")
+        self.chat_list.input(self.switch_chat, [ptr, self.chat_list], [ptr, *view, stats], api_visibility="private")
+        gr.on([self.rename_btn.click, self.title_box.submit], self.rename_chat, [ptr, self.title_box],
+              [self.chat_list, self.title_box], api_visibility="private", queue=False)
+        self.delete_btn.click(self.delete_chat, [ptr], [ptr, *view, stats], api_visibility="private")
+        gr.on([self.form.system.blur, *[sl.release for sl in self.form.sliders]], self.save_settings,
+              [ptr, *self.form.inputs], [ptr, hint], api_visibility="private", concurrency_limit=None)
+        self.export_btn.click(self.export_chat, [ptr, self.fmt], [self.export_file], api_visibility="private")
+        self.import_btn.click(self.import_chat, [ptr, self.import_box],
+                              [ptr, *view, self.import_note, self.import_box], api_visibility="private")
