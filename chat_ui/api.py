@@ -33,7 +33,7 @@ class ChatApi:
         form = self.service.form(system, max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         ptr, chat = self.service.session(ptr)
         try:
-            ptr, chat, live = await self.service.send(ptr, message, form)
+            live = await self.service.send(ptr, chat, message, form)
         except Refused as exc:  # refused before anything changed: shown in the chat, message kept
             kept = (message.get("text") if isinstance(message, dict) else message) or ""
             yield display(chat.messages + [error_message(exc.message)], images=False), kept.strip(), "", ptr
@@ -60,18 +60,16 @@ class ChatApi:
 
     async def undo(self, ptr: dict) -> tuple:
         """/undo: (chat, the question taken back, stats)."""
-        ptr, _ = self.service.session(ptr)
-        _, asked = await self.service.undo(ptr)
-        return self._chat(ptr), asked, ""
+        chat, asked = await self.service.undo(ptr)
+        return display(chat.messages, images=False), asked, ""
 
     async def clear(self, ptr: dict) -> tuple:
         await self.service.clear(ptr)
         return [], "", ""
 
     async def stop(self, ptr: dict) -> tuple:
-        ptr, _ = self.service.session(ptr)
-        _, was = await self.service.stop(ptr)
-        return self._chat(ptr), "Stopped." if was else ""
+        chat, was = await self.service.stop(ptr)
+        return display(chat.messages if chat else [], images=False), "Stopped." if was else ""
 
     def wire(self, box: Any, ptr: Any, form: list, chatbot: Any, stats: Any) -> None:
         """Hidden buttons carry the API's events (the page's own events are private)."""

@@ -20,7 +20,7 @@ from .history import display, error_message, feedback_of
 from .page import (BUSY_BUTTONS, IDLE_BUTTONS, LATEX, WELCOME, counter_js, input_box, refusal, refusing,
                    text_of_event)
 from .sidebar import Sidebar
-from .stream import APPLY, READER, STOP_READING, STOP_VALUE, start_value
+from .stream import APPLY, READER, STOP_READING, start_value
 
 
 
@@ -65,7 +65,7 @@ class ChatTab:
         Refused: the message stays in the box and the page says why (in the chat too, not kept)."""
         ptr, chat = self.service.session(ptr)
         try:
-            ptr, chat, live = await self.service.send(ptr, message, self.service.form(*form))
+            live = await self.service.send(ptr, chat, message, self.service.form(*form))
         except Refusal as exc:
             shown = gr.skip() if exc.message == BUSY else \
                 display(chat.messages + [error_message(f"Not sent: {exc.message}")])
@@ -181,5 +181,3 @@ class ChatTab:
               api_name="page_clear", api_visibility="private", concurrency_limit=None)
         chatbot.like(self.like, [ptr], None, api_visibility="private", queue=False)
 
-
-__all__ = ["ChatTab", "STOP_VALUE"]

@@ -19,7 +19,9 @@ from .replies import compare_reply, visitor_message
 class CompareTab:
     def __init__(self, service: Conversations, engine: Engine, label: str, compare_label: str):
         self.service, self.engine, self.label, self.compare_label = service, engine, label, compare_label
-        self._prepared: dict[int, list] = {}  # claim -> both sides' prepared requests, until they stream
+        # visitor -> (claim, both sides' prepared requests) from Ask until the reply takes them
+        # (or Stop, Clear, the page closed drop them)
+        self._prepared: dict[str, tuple[int, list]] = {}
         s = service.settings
         with gr.Tab("Compare"):
             self.hist_a, self.hist_b, self.claim = gr.State([]), gr.State([]), gr.State(None)
@@ -109,7 +111,7 @@ class CompareTab:
         except BaseException:
             self.service.turns.release(sid, claim)
             raise
-        self._prepared[claim] = gens
+        self._prepared[sid] = (claim, gens)
         return ("", display(hists[0]), display(hists[1]), hists[0], hists[1],
                 *("…" if g is not None else "" for g in gens), {"claim": claim})
 
@@ -117,8 +119,8 @@ class CompareTab:
                     request: gr.Request) -> AsyncIterator[tuple]:
         sid, claim = _sid(request, "compare"), (pending or {}).get("claim")
         turns = self.service.turns
-        gens = self._prepared.pop(claim, None)
-        if not turns.holds(sid, claim) or gens is None:
+        prepared_claim, gens = self._prepared.pop(sid, (None, None))
+        if not turns.holds(sid, claim) or prepared_claim != claim:
             return
         settled = turns.streaming(sid)
         try:
@@ -157,6 +159,7 @@ class CompareTab:
     async def stop(self, request: gr.Request) -> None:
         sid = _sid(request, "compare")
         self.service.turns.release(sid)
+        self._prepared.pop(sid, None)
         for engine, engine_sid in self._engines(request):
             engine.cancel(engine_sid)
         await self.service.turns.settled(sid)

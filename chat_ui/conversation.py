@@ -99,7 +99,7 @@ class Conversations:
         self.turns = Turns()
         self._replies: dict[str, LiveReply] = {}   # token -> reply (kept a while after it ended)
         self._running: dict[str, LiveReply] = {}   # chat -> its reply, while one is written
-        self._slots: asyncio.Semaphore | None = None
+        self._slots = asyncio.Semaphore(limits.concurrency)  # generation slots (bound to the loop on first use)
         self._waiting = 0
         self.store.expire()
 
@@ -280,8 +280,6 @@ class Conversations:
         settled = self.turns.streaming(sid)
         usage, status = None, "ok"
         try:
-            if self._slots is None:
-                self._slots = asyncio.Semaphore(self.limits.concurrency)
             self._waiting += 1
             try:
                 await self._slots.acquire()
@@ -289,7 +287,6 @@ class Conversations:
                 self._waiting -= 1
             try:
                 if not self.turns.holds(sid, claim):  # stopped while waiting for a slot
-                    usage = None
                     status = "stopped before it started"
                     return
                 try:
@@ -329,13 +326,13 @@ class Conversations:
         return messages + reply + [notice]
 
     # -- the actions ----------------------------------------------------------------------
-    async def send(self, ptr: dict, value: Any, form: Form) -> tuple[dict, Chat, LiveReply | None]:
-        """A message in: saved and answered (None: an empty message, nothing done)."""
-        ptr, chat = self.session(ptr)
+    async def send(self, ptr: dict, chat: Chat, value: Any, form: Form) -> LiveReply | None:
+        """A message into the visitor's chat (`session`'s pair): saved and answered (None: an
+        empty message, nothing done)."""
         text, images = await self.message_async(value)
         if not text and not images:
-            return ptr, chat, None
-        return ptr, chat, self._begin(ptr, chat, lambda ms: ms + [question(text, images)], form)
+            return None
+        return self._begin(ptr, chat, lambda ms: ms + [question(text, images)], form)
 
     async def _regenerating(self, ptr: dict) -> tuple[dict, Chat]:
         ptr, _ = self.session(ptr)

@@ -360,7 +360,6 @@ class Engine(abc.ABC):
         """Stream a request from `prepare` (once) as `stream_chat` streams a new one."""
         if gen.streamed:
             raise ValueError("a prepared request streams once")
-        gen.streamed = True
         gen.session_id = session_id
         return self._stream(gen)
 

@@ -279,9 +279,8 @@ def run_clients(kind: str, port: int, n: int, procs: int, words: int, new_tokens
         p.join()
     if browser is not None:
         browser.join()
-    wall = max(time.time() - start_at, 1e-9)
     streams = [Stream(**r) for rs, _ in got for r in rs]
-    wall = max((s.total for s in streams), default=wall)  # from the common start to the last reply's end
+    wall = max([s.total for s in streams], default=0.0) or 1e-9  # the common start to the last reply's end
     return streams, wall, max(cpu for _, cpu in got)
 
 
