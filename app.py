@@ -12,8 +12,12 @@ from infer_engine import EngineError, create_engine
 
 
 def main(argv: list[str] | None = None) -> int:
+    from chat_ui.workers import serve, worker_count, worker_index
     try:
         app, engine_settings = parse_settings(argv)
+        workers = 1 if worker_index() is not None else worker_count(app, engine_settings)
+        if workers > 1:  # several app processes on one port, the model in a process of its own
+            return serve(app, engine_settings, workers)
         compare_settings = compare_engine_settings(app, engine_settings)
         engine = create_engine(engine_settings)  # fetches openxlab:// modelscope:// hf:// models
         compare = create_engine(compare_settings) if compare_settings else None

@@ -40,6 +40,10 @@ class AppSettings:
     max_updates_per_s: float = field(default=500.0, metadata=_help(
         "streamed chat updates per second for all users together (each costs a page render)"))
     queue_size: int = field(default=64, metadata=_help("requests waiting at most; more are refused"))
+    workers: int = field(default=0, metadata=_help(
+        "app processes behind the one port (each visitor kept on one; the chat store is shared); with more "
+        "than one, a local model runs in a process of its own (our OpenAI server on 127.0.0.1). 0: auto "
+        "(min(4, CPUs / 2) when the model runs on a GPU, else 1)"))
     max_input_chars: int = field(default=4000, metadata=_help("longest message accepted"))
     max_new_tokens: int = field(default=SamplingParams.max_new_tokens,
                                 metadata=_help("default reply length (slider)"))
@@ -65,6 +69,8 @@ class AppSettings:
                                  param="max_image_mb")
         if self.history_max_mb <= 0 or self.history_days < 0:
             raise InvalidRequest("history_max_mb must be > 0 and history_days >= 0", param="history_max_mb")
+        if self.workers < 0:
+            raise InvalidRequest(f"workers must be >= 0 (0: auto), got {self.workers}", param="workers")
         if self.concurrency < 0:
             raise InvalidRequest(f"concurrency must be >= 0, got {self.concurrency}", param="concurrency")
         if not 0 <= self.temperature <= 2:
@@ -127,8 +133,9 @@ def compare_engine_settings(app: AppSettings, engine: EngineSettings) -> EngineS
     if not app.compare_model_path:
         return None
     if engine.backend == "api":
+        # --api-tokenizer is the main model's: the compare server fits its own requests
         api = dataclasses.replace(engine.api, model=app.compare_model_path,
-                                  base_url=app.compare_api_base_url or engine.api.base_url)
+                                  base_url=app.compare_api_base_url or engine.api.base_url, tokenizer="")
         if api.base_url == engine.api.base_url and api.model == engine.api.model:
             raise InvalidRequest(f"compare_model_path {api.model!r} is the model the app already serves "
                                  f"at {api.base_url}: name another remote model, or another server with "

@@ -29,10 +29,12 @@ from .chat_tab import ChatTab
 from .compare_tab import CompareTab
 from .conversation import BUSY, Conversations, Limits
 from .page import CSS, HEAD
+from .router import StickyCookie
 from .settings import AppSettings
 from .sidebar import Sidebar
 from .store import MemoryStore, SQLiteStore, Store
 from .stream import stream_route
+from .workers import worker_index
 
 __all__ = ["BUSY", "ChatUI", "launch", "make_store"]
 
@@ -132,11 +134,15 @@ def launch(demo: gr.Blocks, settings: AppSettings, prevent_thread_lock: bool = F
     else:  # no component takes files: uploads are refused, and no request body may exceed 1 MB
         limit = Middleware(RequestLimits, max_bytes=limits.max_body_bytes, refused=("/upload",),
                            refused_reason="this app takes no uploads")
+    middleware = [limit]
+    worker = worker_index()
+    if worker is not None:  # one of several app processes behind the router: keep visitors here
+        middleware.append(Middleware(StickyCookie, index=worker))
     return demo.launch(
-        server_name=host or settings.host, server_port=port or settings.port,
+        server_name=host or settings.host, server_port=port or settings.port, quiet=worker is not None,
         # Gradio runs at most max_threads events at once, whatever their concurrency limits
         auth=settings.auth_pairs(), max_threads=max(40, limits.concurrency + 16),
         max_file_size=f"{limits.upload_mb:g}mb" if limits.upload_mb else "1mb",
-        app_kwargs={"middleware": [limit], "routes": demo.chat_routes},
+        app_kwargs={"middleware": middleware, "routes": demo.chat_routes},
         allowed_paths=[], show_error=False, ssr_mode=False, run_history=False,
         prevent_thread_lock=prevent_thread_lock, css=CSS, head=HEAD)

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 from .base import Engine, Generation, Message, Piece
 from .errors import (AuthenticationFailed, BackendUnavailable, EngineError, InvalidRequest,
                      ModelNotFound)
-from .prompts import escape_control_tokens
+from .prompts import ChatPrompt, escape_control_tokens
 from .settings import EngineSettings, SamplingParams
 
 # Control tokens of the chat templates commonly served (InternLM2, Qwen, Llama 3, Llama 2).
@@ -36,6 +36,9 @@ class ApiEngine(Engine):
         self._model = self.settings.model
         self.max_concurrency = 128  # the remote server batches; it answers 5xx when full
         self.accepts_images = self.settings.images  # relayed as image_url parts (/v1/models cannot tell)
+        if self.settings.tokenizer:  # the remote model's own tokenizer here: requests are fitted before they go
+            self.prompt = ChatPrompt.from_pretrained(self.settings.tokenizer, settings.chat_template)
+            self.session_len = settings.session_len
 
     @property
     def model_name(self) -> str:

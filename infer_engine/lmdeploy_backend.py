@@ -40,7 +40,8 @@ def backend_config(settings: EngineSettings) -> Any:
             raise InvalidRequest("lmdeploy.cache_max_entry_count must be < 1 for the PyTorch engine",
                                  param="lmdeploy.cache_max_entry_count")
         # The PyTorch engine reads AWQ from the checkpoint's quantization_config itself.
-        return PytorchEngineConfig(model_format="awq" if lm.model_format == "awq" else None, **common)
+        return PytorchEngineConfig(model_format="awq" if lm.model_format == "awq" else None,
+                                   enable_mp_engine=lm.mp_engine, **common)
     raise InvalidRequest(f"backend {settings.backend!r} is not an LMDeploy engine", param="backend")
 
 

@@ -32,6 +32,9 @@ class LMDeploySettings:
     quant_policy: int = field(default=0, metadata=_help("KV cache quantisation: 0, 4 or 8"))
     model_format: str = field(default="hf", metadata=_help("weights format", choices=("hf", "awq")))
     max_batch_size: int = field(default=0, metadata=_help("0 lets LMDeploy choose"))
+    mp_engine: bool = field(default=False, metadata=_help(
+        "PyTorch engine: run its loop in a process of its own (LMDeploy's enable_mp_engine, which its "
+        "api_server always turns on), so it does not share a GIL with the server or the app"))
 
 
 @dataclass
@@ -46,6 +49,10 @@ class ApiSettings:
         default=True, metadata=_help("neutralise control tokens in text sent to the server"))
     images: bool = field(default=False, metadata=_help(
         "the remote model takes images: relay image_url parts (off: refused here, and the app shows no clip)"))
+    tokenizer: str = field(default="", metadata=_help(
+        "a local folder with the remote model's tokenizer and chat template: conversations are then fitted "
+        "to --session-len here and a message that cannot fit is refused before it is sent, as with a local "
+        "engine (empty: the remote server decides)"))
 
 
 @dataclass
@@ -353,6 +360,18 @@ def dataclass_from_args(cls: type, args: argparse.Namespace | None, env: Mapping
             target = getattr(target, p)
         setattr(target, leaf, _convert(raw, tp, name))
     return obj
+
+
+def dataclass_env(obj: Any, env_prefix: str) -> dict[str, str]:
+    """The environment variables from which `dataclass_from_args` builds `obj` again (how a
+    process hands its settings to a process it starts)."""
+    out = {}
+    for name, _f, tp in _leaf_fields(type(obj)):
+        value = obj
+        for part in name.split("."):
+            value = getattr(value, part)
+        out[_env(name, env_prefix)] = ("true" if value else "false") if tp is bool else str(value)
+    return out
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ user sees, and the clients' CPU use (busiest client process, percent of one core
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import uuid
 import json
@@ -108,24 +109,54 @@ def server_stream(port: int, text: str, new_tokens: int, ignore_eos: bool) -> St
 
 class GradioSession:
     """One visitor's Gradio session, driven as the page drives it: an event joins Gradio's queue
-    (POST queue/join) and its result comes on the session's SSE stream (GET queue/data)."""
+    (POST queue/join) and its result comes on the session's SSE stream (GET queue/data). Like a
+    browser it keeps the cookies the app sets (several app processes keep a visitor on one by its
+    cookie) and sends them with every request."""
 
     def __init__(self, port: int, fns: dict[str, int], session: str):
         self.port, self.fns, self.session = port, fns, session
+        self.cookies: dict[str, str] = {}
+
+    def headers(self, extra: dict | None = None) -> dict:
+        h = dict(extra or {})
+        if self.cookies:
+            h["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        return h
+
+    def keep_cookies(self, resp) -> None:
+        for value in resp.headers.get_all("Set-Cookie") or []:
+            name, _, rest = value.partition("=")
+            self.cookies[name.strip()] = rest.split(";")[0].strip()
+
+    def request(self, method: str, path: str, body: str | None = None, headers: dict | None = None):
+        """One request on a connection of its own: (connection, response), cookies kept."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        conn.request(method, path, body=body, headers=self.headers(headers))
+        resp = conn.getresponse()
+        self.keep_cookies(resp)
+        return conn, resp
+
+    def open_page(self) -> None:
+        """What a browser fetches first: the page (its HTML holds the page's config)."""
+        conn, resp = self.request("GET", "/", headers={"Accept": "text/html"})
+        resp.read()
+        conn.close()
+        if resp.status != 200:
+            raise RuntimeError(f"GET /: HTTP {resp.status}")
 
     def call(self, name: str, data: list) -> list:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        conn = None
         try:
-            conn.request("POST", "/gradio_api/queue/join", headers={"Content-Type": "application/json"},
-                         body=json.dumps({"data": data, "fn_index": self.fns[name], "trigger_id": None,
-                                          "event_data": None, "session_hash": self.session}))
-            resp = conn.getresponse()
+            conn, resp = self.request("POST", "/gradio_api/queue/join", headers={"Content-Type": "application/json"},
+                                      body=json.dumps({"data": data, "fn_index": self.fns[name], "trigger_id": None,
+                                                       "event_data": None, "session_hash": self.session}))
             body = resp.read()
+            conn.close()
             if resp.status != 200:
                 raise RuntimeError(f"{name}: HTTP {resp.status} {body[:200]!r}")
             event_id = json.loads(body)["event_id"]
-            conn.request("GET", f"/gradio_api/queue/data?session_hash={self.session}")
-            for line in _lines(conn.getresponse()):
+            conn, resp = self.request("GET", f"/gradio_api/queue/data?session_hash={self.session}")
+            for line in _lines(resp):
                 if not line.startswith("data: "):
                     continue
                 msg = json.loads(line[6:])
@@ -135,7 +166,8 @@ class GradioSession:
                     return msg["output"]["data"]
             raise RuntimeError(f"{name}: the stream ended before the event completed")
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
 
 def gradio_fns(port: int) -> dict[str, int]:
@@ -156,9 +188,7 @@ def page_stream(port: int, page: GradioSession, text: str, new_tokens: int) -> S
         s.error = f"not sent: {str(out[3])[:200]}"
         return s
     token = json.loads(reader)["token"]
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    conn.request("GET", f"/chat/stream/{token}")
-    resp = conn.getresponse()
+    conn, resp = page.request("GET", f"/chat/stream/{token}")
     last, stats = None, ""
     for line in _lines(resp):
         if not line.startswith("data: "):
@@ -182,15 +212,14 @@ def page_stream(port: int, page: GradioSession, text: str, new_tokens: int) -> S
     return s
 
 
-def send_stream(port: int, text: str, new_tokens: int, user: str) -> Stream:
+def send_stream(page: GradioSession, text: str, new_tokens: int, user: str) -> Stream:
     """Gradio's documented REST API: POST /gradio_api/call/send, then its SSE stream."""
     s, t0 = Stream(), time.perf_counter()
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    conn.request("POST", "/gradio_api/call/send", headers={"Content-Type": "application/json"},
-                 body=json.dumps({"data": [text, "", new_tokens, *GREEDY], "session_hash": user}))
-    event_id = json.loads(conn.getresponse().read())["event_id"]
-    conn.request("GET", f"/gradio_api/call/send/{event_id}")
-    resp = conn.getresponse()
+    conn, resp = page.request("POST", "/gradio_api/call/send", headers={"Content-Type": "application/json"},
+                              body=json.dumps({"data": [text, "", new_tokens, *GREEDY], "session_hash": user}))
+    event_id = json.loads(resp.read())["event_id"]
+    conn.close()
+    conn, resp = page.request("GET", f"/gradio_api/call/send/{event_id}")
     event, last, data = None, None, None
     for line in _lines(resp):
         if line.startswith("event: "):
@@ -224,21 +253,30 @@ def _text(content) -> str:
 
 
 def client_process(kind: str, port: int, users: list[int], words: int, new_tokens: int, ignore_eos: bool,
-                   start_at: float, tag: str, visitors: str, out: mp.Queue) -> None:
+                   start_at: float, tag: str, visitors: str, cookies: dict, out: mp.Queue) -> None:
     """One client process: its share of the users, one thread each, all starting at start_at.
     Before it, each user's conversation is made fresh: a new visitor opens a new Gradio session
     (the page's load event, as a browser does), a returning one clears its chat."""
     results: list = [None] * len(users)
-    base = kind.split("/")[0]
+    kept: dict[int, dict] = {}
+    base = path_base(kind)
     fns = gradio_fns(port) if base in ("app", "send") else {}
 
     def one(k: int, i: int) -> None:
         try:
             session = f"{tag}-{i}-{uuid.uuid4().hex[:8]}" if visitors == "new" else f"user-{i}"
             page = GradioSession(port, fns, session)
-            if base == "app" and visitors == "new":
-                page.call("page_load", [""])
-            elif base in ("app", "send") and visitors == "returning":
+            if base == "app":
+                if visitors == "returning":  # its browser kept the cookies of its first visit
+                    page.cookies = dict(cookies.get(i, {}))
+                if visitors == "new" or not page.cookies:
+                    page.open_page()
+                if visitors == "new":
+                    page.call("page_load", [""])
+                else:
+                    page.call("clear", [None])
+                kept[i] = page.cookies
+            elif base == "send" and visitors == "returning":
                 page.call("clear", [None])
             time.sleep(max(0.0, start_at - time.time()))
             if base == "server":
@@ -246,7 +284,7 @@ def client_process(kind: str, port: int, users: list[int], words: int, new_token
             elif base == "app":
                 results[k] = page_stream(port, page, prompt(i, words), new_tokens)
             else:
-                results[k] = send_stream(port, prompt(i, words), new_tokens, session)
+                results[k] = send_stream(page, prompt(i, words), new_tokens, session)
         except Exception as exc:  # reported, not hidden
             results[k] = Stream(error=f"{type(exc).__name__}: {exc}")
 
@@ -257,20 +295,23 @@ def client_process(kind: str, port: int, users: list[int], words: int, new_token
     for t in threads:
         t.join()
     busy = time.time() - max(wall0, start_at)
-    out.put(([asdict(r) for r in results], (time.process_time() - cpu0) / max(busy, 1e-9)))
+    out.put(([asdict(r) for r in results], (time.process_time() - cpu0) / max(busy, 1e-9), kept))
 
 
 def run_clients(kind: str, port: int, n: int, procs: int, words: int, new_tokens: int, ignore_eos: bool,
-                tag: str = "m", visitors: str = "new", browser: "BrowserPage | None" = None
-                ) -> tuple[list[Stream], float, float]:
+                tag: str = "m", visitors: str = "new", browser: "BrowserPage | None" = None,
+                cookies: dict | None = None) -> tuple[list[Stream], float, float]:
+    """One round of n users; `cookies` (user -> its cookies) is what the returning visitors'
+    browsers kept, updated with what this round's visitors were given."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    start_at = time.time() + 3.0 + 0.02 * n  # every client process is up, every user prepared
+    cookies = {} if cookies is None else cookies
+    start_at = time.time() + 3.0 + 0.03 * n  # every client process is up, every user prepared
     if browser is not None:
         browser.start(start_at)
     shares = [list(range(n))[p::procs] for p in range(min(procs, n))]
     ps = [ctx.Process(target=client_process, args=(kind, port, share, words, new_tokens, ignore_eos, start_at,
-                                                   tag, visitors, q))
+                                                   tag, visitors, {i: cookies.get(i, {}) for i in share}, q))
           for share in shares]
     for p in ps:
         p.start()
@@ -279,16 +320,20 @@ def run_clients(kind: str, port: int, n: int, procs: int, words: int, new_tokens
         p.join()
     if browser is not None:
         browser.join()
-    streams = [Stream(**r) for rs, _ in got for r in rs]
+    for _, _, kept in got:
+        cookies.update(kept)
+    streams = [Stream(**r) for rs, _, _ in got for r in rs]
     wall = max([s.total for s in streams], default=0.0) or 1e-9  # the common start to the last reply's end
-    return streams, wall, max(cpu for _, cpu in got)
+    return streams, wall, max(cpu for _, cpu, _ in got)
 
 
 # -- the paths --------------------------------------------------------------------------------
 
 def engine_direct(argv: list[str], users: list[int], words: int, new_tokens: int, ignore_eos: bool) -> list[dict]:
-    """Runs inside a fresh process: the engine called from n threads, for each n in users."""
+    """Runs inside a fresh process: the engine's n streams read from one event loop, as our
+    server reads them, for each n in users."""
     from infer_engine import SamplingParams, create_engine
+    from infer_engine.aio import ThreadedStream
     from infer_engine.settings import add_engine_arguments, settings_from_args
 
     p = argparse.ArgumentParser()
@@ -296,16 +341,14 @@ def engine_direct(argv: list[str], users: list[int], words: int, new_tokens: int
     engine = create_engine(settings_from_args(p.parse_args(argv)))
     sp = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=ignore_eos)
 
-    def round_(label: str, n: int) -> tuple[list[Stream], float]:
-        out: list = [None] * n
-        barrier = threading.Barrier(n + 1)
-
-        def one(i: int) -> None:
-            s = Stream()
-            barrier.wait()
-            t0, last = time.perf_counter(), None
-            for d in engine.stream_chat([{"role": "user", "content": prompt(i, words)}], sp, f"{label}-{i}"):
-                now = time.perf_counter()
+    async def one(label: str, i: int) -> Stream:
+        """A stream read from asyncio, as our server reads it (each on a thread of its own)."""
+        s, t0, last = Stream(), time.perf_counter(), None
+        stream = ThreadedStream(lambda: engine.stream_chat([{"role": "user", "content": prompt(i, words)}], sp,
+                                                           f"{label}-{i}"))
+        while items := await stream.take():
+            now = time.perf_counter()
+            for d in items:
                 if d.text:
                     if not s.ttft:
                         s.ttft = now - t0
@@ -314,38 +357,56 @@ def engine_direct(argv: list[str], users: list[int], words: int, new_tokens: int
                     last = now
                 if d.usage:
                     s.tokens = d.usage.completion_tokens
-            s.total = time.perf_counter() - t0
-            out[i] = s
+        s.total = time.perf_counter() - t0
+        return s
 
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        barrier.wait()
+    async def round_(label: str, n: int) -> tuple[list[Stream], float]:
         t0 = time.perf_counter()
-        for t in threads:
-            t.join()
-        return out, time.perf_counter() - t0
+        out = await asyncio.gather(*(one(label, i) for i in range(n)))
+        return list(out), time.perf_counter() - t0
 
     results = []
     for n in users:
-        round_(f"warmup{n}", n)  # every batch size the measured round uses has run once
-        streams, wall = round_(f"bench{n}", n)
+        asyncio.run(round_(f"warmup{n}", n))  # every batch size the measured round uses has run once
+        streams, wall = asyncio.run(round_(f"bench{n}", n))
         results.append({"users": n, "streams": [asdict(s) for s in streams], "wall": wall})
     engine.close()
     return results
 
 
-def wait_port(port: int, proc: subprocess.Popen, seconds: float = 900) -> None:
+def path_base(path: str) -> str:
+    """engine | server | app | send, of a path such as app@4 or send/api."""
+    return path.split("/")[0].split("@")[0]
+
+
+def path_workers(path: str) -> int:
+    """app@4: the app as 4 processes behind one port (--workers 4); else one."""
+    spec = path.split("/")[0]
+    return int(spec.split("@")[1]) if "@" in spec else 1
+
+
+def wait_port(port: int, proc: subprocess.Popen, seconds: float = 900, page: bool = False) -> None:
+    """Until the port accepts connections (`page`: until it answers GET / with 200, as an app of
+    several processes does only once they are all up)."""
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"the process serving port {port} exited with {proc.returncode}")
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
+            if page:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/")
+                ok = conn.getresponse().status == 200
+                conn.close()
+                if ok:
+                    return
+            else:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return
         except OSError:
-            time.sleep(0.5)
-    raise SystemExit(f"nothing listens on {port} after {seconds:.0f} s")
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"nothing answers on {port} after {seconds:.0f} s")
 
 
 def free_port() -> int:
@@ -368,17 +429,18 @@ def summarize(path: str, n: int, streams: list[Stream], wall: float, client_cpu:
 
 
 def start_process(name: str, cmd: list[str], env: dict, args: argparse.Namespace, port: int,
-                  profile: bool = False) -> subprocess.Popen:
+                  profile: bool = False, page: bool = False) -> subprocess.Popen:
     """A server or app process, in a session of its own; with `profile`, under py-spy (samples of
-    the threads holding the GIL, written as collapsed stacks when it is stopped)."""
+    the threads holding the GIL, its child processes' too, written as collapsed stacks when it is
+    stopped)."""
     if profile:
-        out = Path(args.profile) / f"{name.replace('/', '-')}.stacks"
-        cmd = ["py-spy", "record", "--gil", "--nonblocking", "--rate", "200", "--format", "raw",
-               "--output", str(out), "--", *cmd]
-    log = open(Path(args.logs) / f"{name.replace('/', '-')}.log", "w") if args.logs else subprocess.DEVNULL
+        out = Path(args.profile) / f"{name.replace('/', '-').replace('@', '-w')}.stacks"
+        cmd = ["py-spy", "record", "--gil", "--subprocesses", "--nonblocking", "--rate", "200", "--format",
+               "raw", "--output", str(out), "--", *cmd]
+    log = open(Path(args.logs) / f"{name.replace('/', '-').replace('@', '-w')}.log", "w") if args.logs else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     proc.profile = out if profile else None
-    wait_port(port, proc)
+    wait_port(port, proc, page=page)
     return proc
 
 
@@ -487,7 +549,8 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--users", default="1,16,64", help="numbers of concurrent users, comma-separated")
     ap.add_argument("--paths", default="engine,server,app,send",
-                    help="which of engine, server, app, send, app/api, send/api")
+                    help="which of engine, server, app, send, app/api, send/api; app@N, send@N: the app as N "
+                         "processes behind one port (--workers N: the engine in a process of its own)")
     ap.add_argument("--new-tokens", type=int, default=150, help="max new tokens per reply")
     ap.add_argument("--prompt-words", type=int, default=64)
     ap.add_argument("--client-procs", type=int, default=4, help="client processes for server and app")
@@ -531,6 +594,7 @@ def main() -> None:
         procs = []
         try:
             port, app_engine_argv = free_port(), engine_argv
+            base, workers = path_base(path), path_workers(path)
             if path.endswith("/api"):  # the app over our server: the engine in a process of its own
                 sport = free_port()
                 procs.append(start_process("server", [sys.executable, "-m", "infer_engine.server", "--port",
@@ -541,18 +605,20 @@ def main() -> None:
             else:
                 cmd = [sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port),
                        "--queue-size", str(max(users) * 2), "--history-path",  # chats kept, as by default
-                       str(Path(tempfile.mkdtemp(prefix="bench-chats-")) / "chats.sqlite3"), *args.app_arg,
-                       *app_engine_argv]
-            procs.append(start_process(path, cmd, env, args, port, profile=args.profile and path != "server"))
+                       str(Path(tempfile.mkdtemp(prefix="bench-chats-")) / "chats.sqlite3"),
+                       "--workers", str(workers), *args.app_arg, *app_engine_argv]
+            procs.append(start_process(path, cmd, env, args, port, profile=args.profile and path != "server",
+                                       page=base != "server"))
             for n in users:
                 for visitors in (visitor_kinds if path != "server" else ["new"]):
+                    cookies: dict = {}  # what the returning visitors' browsers keep
                     run_clients(path, port, n, args.client_procs, args.prompt_words, args.new_tokens, ignore_eos,
-                                "warm", visitors)
+                                "warm", visitors, cookies=cookies)
                     browser = None
-                    if args.browser and path.split("/")[0] == "app":
+                    if args.browser and base == "app":
                         browser = BrowserPage(port)
                     streams, wall, cpu = run_clients(path, port, n, args.client_procs, args.prompt_words,
-                                                     args.new_tokens, ignore_eos, "m", visitors, browser)
+                                                     args.new_tokens, ignore_eos, "m", visitors, browser, cookies)
                     label = path if path == "server" else f"{path} {visitors}"
                     rows.append(summarize(label, n, streams, wall, cpu, browser.result if browser else None))
                     print(fmt(rows[-1], rows), flush=True)

@@ -4,16 +4,23 @@
 #           engine, transformers, api) on the Qwen2 and InternLM2 tiny models
 #   bench   scripts/bench_engines.py on InternLM2's real shape (random weights): transformers
 #           (a lone stream compiled, the batch for more), transformers --bits 4, LMDeploy's engine
-#   app     scripts/bench_app.py: engine vs our server vs the Gradio app (needs the --gradio wheels)
+#   app     scripts/bench_app.py: engine vs our server vs the Gradio app, in one process and as 4 behind
+#           one port (needs the --gradio wheels; APP_PATHS, APP_VISITORS, APP_ARGS: other paths, visitors,
+#           engine flags)
 #   scripts/gpu_check.sh [shape] [concurrency] [tests|bench|app|all]   defaults: internlm2-1.8b 1,16 tests,bench
+# WHL names the wheel folder (default .whl; a copy without the wheels a part does not need fits the
+# device tool's 64 MiB).
 # Each part's output lands in $OUT (default /tmp/gpu-check), each under its own time limit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-/tmp/gpu-check}; mkdir -p "$out"
 shape=${1:-internlm2-1.8b}; conc=${2:-1,16}; what=${3:-tests,bench}
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-tar xzf .whl/lmdeploy-pt.tgz -C /tmp/site
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False INTERNLM2_CODE=$PWD/.whl/internlm2
+whl=${WHL:-.whl}
+if [ ! -d /tmp/site/lmdeploy ]; then  # once per machine
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$whl"/*.whl
+  tar xzf "$whl"/lmdeploy-pt.tgz -C /tmp/site
+fi
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 GRADIO_ANALYTICS_ENABLED=False INTERNLM2_CODE=$PWD/$whl/internlm2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, lmdeploy, peft; print(torch.__version__, transformers.__version__, lmdeploy.__version__, peft.__version__)" \
     | tee -a "$out/gpu.txt"
@@ -28,7 +35,10 @@ case ,$what, in *,bench,*|*,all,*)
       | grep -v "Loading weights\|Warming up" | tee "$out/bench.txt";;
 esac
 case ,$what, in *,app,*|*,all,*)
-  python3 scripts/build_tiny_model.py --shape "$shape" --out "/tmp/$shape" >/dev/null
+  [ -f "/tmp/$shape/config.json" ] || python3 scripts/build_tiny_model.py --shape "$shape" --out "/tmp/$shape" >/dev/null
+  tag=${APP_TAG:-bench_app}
   timeout "${APP_S:-400}" python3 scripts/bench_app.py --backend pytorch --model-path "/tmp/$shape" --new-tokens 256 \
-      --users "$conc" --logs "$out" --json "$out/bench_app.json" 2>&1 | tee "$out/bench_app.txt";;
+      --users "$conc" --paths "${APP_PATHS:-engine,server,app,app@4}" --visitors "${APP_VISITORS:-new,returning}" \
+      --client-procs 8 --logs "/tmp/logs-$tag" --json "$out/$tag.json" ${APP_ARGS:-} 2>&1 | tee "$out/$tag.txt"
+  tail -n 4 /tmp/logs-"$tag"/*.log > "$out/$tag-logs.txt" 2>&1;;
 esac

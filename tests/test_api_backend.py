@@ -114,3 +114,26 @@ def test_timeout_is_a_clear_error(served):
         with create_engine(s) as eng:
             with pytest.raises(BackendUnavailable, match="failed after 1 attempt"):
                 eng.chat(MSGS, SP)
+
+
+def test_with_the_models_tokenizer_a_request_is_fitted_and_refused_here_before_it_is_sent(tiny_model):
+    """--api-tokenizer (what the app's workers use over their model server): a history longer
+    than the context loses its oldest turns here, and a message that cannot fit at all is a
+    ContextOverflow at prepare, with no request sent (nothing listens at that address)."""
+    from infer_engine import ContextOverflow
+    from infer_engine.settings import ApiSettings
+
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    engine = create_engine(EngineSettings(backend="api", session_len=256, api=ApiSettings(
+        base_url=dead, model="tiny-chat", tokenizer=str(tiny_model), max_retries=0)))
+    assert engine.session_len == 256
+    long_turn = " ".join(["word"] * 60)
+    history = []
+    for i in range(8):
+        history += [{"role": "user", "content": f"q{i} {long_turn}"}, {"role": "assistant", "content": long_turn}]
+    gen = engine.prepare(history + [{"role": "user", "content": "last"}], SamplingParams(max_new_tokens=32))
+    assert gen.messages[-1]["content"] == "last" and len(gen.messages) < len(history) + 1
+    assert len(gen.prompt_ids) <= 256 - 32
+    with pytest.raises(ContextOverflow):
+        engine.prepare([{"role": "user", "content": " ".join(["word"] * 400)}], SamplingParams(max_new_tokens=32))
+    engine.close()

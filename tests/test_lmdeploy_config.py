@@ -24,7 +24,8 @@ def test_pytorch_engine_config():
     assert type(cfg) is PytorchEngineConfig
     assert (cfg.tp, cfg.session_len, cfg.cache_max_entry_count, cfg.max_batch_size, cfg.dtype) == \
         (2, 8192, 0.5, 64, "bfloat16")
-    assert int(cfg.quant_policy) == 8 and cfg.model_format is None
+    assert int(cfg.quant_policy) == 8 and cfg.model_format is None and not cfg.enable_mp_engine
+    assert backend_config(settings("pytorch", mp_engine=True)).enable_mp_engine
 
 
 def test_turbomind_engine_config():

@@ -197,3 +197,26 @@ def test_client_disconnect_cancels_generation(served, stream):
     conn.sock.close()  # hang up mid-generation (3000 tokens take several seconds here)
     conn.close()
     assert _wait_until_idle(engine, 1.5), "generation still running after the client left"
+
+
+def test_a_stream_interval_sends_fewer_chunks_with_the_same_text_and_usage():
+    """--stream-interval-ms (what the app's workers' model server uses): what comes between two
+    chunks goes in one; the first chunk is not held back and nothing is lost."""
+    from infer_engine.settings import EngineSettings, SyntheticSettings
+
+    engine = SyntheticEngine(EngineSettings(backend="synthetic", synthetic=SyntheticSettings(
+        tokens_per_s=200, reply_tokens=40)))
+    texts, counts = {}, {}
+    for interval in (0.0, 100.0):
+        with BackgroundServer(create_app(engine, stream_interval_ms=interval)) as server:
+            c = openai.OpenAI(base_url=server.base_url, api_key="x", max_retries=0)
+            t0 = time.perf_counter()
+            chunks = list(c.chat.completions.create(model="synthetic", messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=64, stream=True, stream_options={"include_usage": True}))
+            elapsed = time.perf_counter() - t0
+            content = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+            texts[interval], counts[interval] = "".join(content), len(content)
+            assert chunks[-1].usage.completion_tokens == 40
+    assert texts[0.0] == texts[100.0] and texts[0.0].startswith("You said: hi")
+    assert counts[100.0] <= elapsed / 0.1 + 2 < 40
+    engine.close()
