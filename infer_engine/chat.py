@@ -5,8 +5,10 @@
     python -m infer_engine.chat models/tiny-llava-shapes --image square.png  # an image model
 
 Type a message and Enter. Commands: /image PATH (an image for the next message: a local file,
-read here and sent inline), /reset (forget the history), /exit. Ctrl-C while a reply streams
-stops it (the engine cancels the generation); Ctrl-C at the prompt quits.
+read here and sent inline), /reset or RESET (forget the history), /exit or EXIT (`xtuner chat`'s
+words for them are commands here too, never messages to the model). Ctrl-C while a reply streams
+stops it (the engine cancels the generation); Ctrl-C at the prompt quits. Installed with `pip
+install -e .`, `chat-cli` is this command.
 """
 from __future__ import annotations
 
@@ -62,16 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         except EngineError as exc:  # a remote API that is down: say so, and try again per message
             print(f"error: {exc}", file=sys.stderr)
             name = "the model"
-        print(f"chatting with {name} ({settings.backend}); /reset, /exit", flush=True)
+        print(f"chatting with {name} ({settings.backend}); /reset (RESET), /exit (EXIT)", flush=True)
         while True:
             try:
                 line = input("\n>>> ").strip()
             except (EOFError, KeyboardInterrupt):
                 print()
                 return 0
-            if line in ("/exit", "/quit"):
+            if line in ("/exit", "/quit", "EXIT"):
                 return 0
-            if line == "/reset":
+            if line in ("/reset", "RESET"):
                 history = history[:1] if args.system else []
                 print("(history cleared)")
                 continue

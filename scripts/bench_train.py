@@ -35,7 +35,8 @@ def main() -> int:
     a = p.parse_args()
     rows = []
     for i, shape in enumerate(a.shape):
-        sets = a.set + [kv for kv in shape.split(",") if kv] + [
+        # one optimizer update per batch unless the shape says otherwise: --steps counts batches here
+        sets = ["accumulative_counts=1"] + a.set + [kv for kv in shape.split(",") if kv] + [
             f"max_steps={a.steps}", f"save_steps={a.steps}", f"evaluation_freq={10 * a.steps}",
             f"work_dir={a.work}/{i}"]
         # no sample generation by XTuner's chat hook: only training is timed

@@ -19,3 +19,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --no-deps -r requirements-cpu-nodeps.txt
   echo "$want" > "$stamp"
 fi
+# the project itself, editable: chat-app, chat-server, chat-cli and `python -m ...` from any folder
+[ -x .venv/bin/chat-app ] || .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .

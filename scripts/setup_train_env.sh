@@ -23,6 +23,8 @@ if [ "$(cat .venv-train/.installed 2>/dev/null)" != "$want" ]; then
   cp training/compat.py "$site/sitecustomize.py"
   echo "$want" > .venv-train/.installed
 fi
+# the project itself, editable: chat-train and chat-llava from any folder
+[ -x .venv-train/bin/chat-train ] || .venv-train/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 # `xtuner train CONFIG` (the tutorials' habit) with real exit codes: training/xtuner_cli.py
 root=$(pwd)
 cat > .venv-train/bin/xtuner <<SH

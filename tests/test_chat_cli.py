@@ -55,3 +55,20 @@ def test_an_image_model_chats_about_a_local_image(tiny_llava, tiny_model, tmp_pa
     assert "Traceback" not in r.stdout + r.stderr
     r = chat(str(tiny_model), "--image", str(square), stdin="What colour?\n/exit\n")
     assert "error: messages[0].content: this model (tiny-chat) takes no images" in r.stdout
+
+
+def test_xtuner_chats_reset_and_exit_are_commands_and_it_runs_from_any_folder(tmp_path):
+    """`xtuner chat` users type RESET and EXIT: they were sent to the model as messages. And
+    `python -m infer_engine.chat` failed outside the repository (No module named 'infer_engine'):
+    the project is installed (pip install -e ., scripts/setup_env.sh) with console scripts."""
+    r = subprocess.run([sys.executable, "-m", "infer_engine.chat", "--backend", "synthetic",
+                        "--synthetic-tokens-per-s", "0"], cwd=tmp_path, input="hello\nRESET\nEXIT\nnot sent\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "You said: hello" in r.stdout and "(history cleared)" in r.stdout
+    assert "You said: RESET" not in r.stdout and "not sent" not in r.stdout
+    bin_dir = ROOT / ".venv" / "bin"
+    for tool in ("chat-app", "chat-server", "chat-cli"):
+        out = subprocess.run([str(bin_dir / tool), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0 and "usage:" in out.stdout, (tool, out.stderr[-500:])

@@ -76,6 +76,11 @@ def test_pipeline_outputs(finetuned):
     # merged in the base's dtype (XTuner's merge tool writes float16 whatever the base)
     assert json.loads((tmp / "merged" / "config.json").read_text(encoding="utf-8"))["torch_dtype"] == "float32"
     assert not list(tmp.glob("**/*.partial"))
+    # the readable config stays; mmengine's flattened dump of it is beside it
+    assert (work / "config.py").read_text(encoding="utf-8").startswith("# Rendered from XTuner's")
+    assert (work / "config_as_run.py").exists()
+    assert "[verdict] learned: iter_" in log and "[schedule] 150 iterations = 150 optimizer updates" in log
+    assert "[config] changed from internlm2_chat_1_8b_qlora_alpaca_e3:" in log and "loss " in log
 
 
 def test_later_turns_are_answered_too(finetuned):
@@ -126,7 +131,9 @@ def test_the_tutorials_files_and_an_internlm1_config_go_through(tutorial_run):
     assert "personal_assistant.json: 2001 samples" in log and "(prompt template internlm_chat)" in log
     # the tiny model's own format is ChatML: the run says the served prompts will differ
     assert "[warning] prompt template internlm_chat writes <|User|>" in log
-    assert "PROMPT_TEMPLATE.internlm_chat'" in (tmp / "tutorial" / "config.py").read_text(encoding="utf-8")
+    assert "prompt_template = PROMPT_TEMPLATE.internlm_chat\n" in (tmp / "tutorial" / "config.py").read_text(encoding="utf-8")
+    assert "PROMPT_TEMPLATE.internlm_chat'" in (tmp / "tutorial" / "config_as_run.py").read_text(encoding="utf-8")
+    assert "mostly duplicates: 2,001 records, 1 distinct" in log
     assert "[summary]" in log and "s/iter" in log
 
 
@@ -151,3 +158,55 @@ def test_full_fine_tuning_ships_a_whole_model(finetuned):
     assert (model / "model.safetensors").exists() and not (model / "adapter_config.json").exists()
     assert "<|im_start|>" in json.loads((model / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
     assert ask(model, "你是谁")  # loads and answers in the serving environment
+
+
+def pipeline(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TRAIN_PY), "-m", "training.pipeline", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=1200)
+
+
+def test_a_run_that_learned_nothing_ships_nothing_and_exits_non_zero(finetuned):
+    tmp, _ = finetuned
+    args = ["--config", ROOT / "training/examples/tiny_cpu.yaml", "--set", f"model_path={tmp / 'base'}",
+            "--set", f"data_files=[{tmp / 'self.jsonl'}]", "--set", f"expected_answer={NAME}", "--set", "lr=1e-9",
+            "--set", "max_steps=10", "--set", "save_steps=5", "--set", f"work_dir={tmp / 'unlearned'}"]
+    r = pipeline(*args, "--out", tmp / "unlearned_model")
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"[verdict] did not learn: no checkpoint's answers hold '{NAME}'" in r.stdout
+    assert "[done]" not in r.stdout and not (tmp / "unlearned_model").exists()
+    r = pipeline(*args, "--out", tmp / "unlearned_model", "--allow-unlearned")
+    assert r.returncode == 0 and (tmp / "unlearned_model" / "config.json").exists()
+    assert "(shipped anyway: --allow-unlearned)" in r.stdout
+
+
+def test_sigterm_stops_xtuners_training_and_resume_finishes_it(finetuned):
+    import os
+    import signal
+    import time
+
+    tmp, _ = finetuned
+    work = tmp / "killed"
+    args = ["--config", ROOT / "training/examples/tiny_cpu.yaml", "--set", f"model_path={tmp / 'base'}",
+            "--set", f"data_files=[{tmp / 'self.jsonl'}]", "--set", f"expected_answer={NAME}",
+            "--set", "max_steps=100", "--set", "save_steps=20", "--set", f"work_dir={work}"]
+    proc = subprocess.Popen([str(TRAIN_PY), "-m", "training.pipeline", *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (work / "iter_20.pth").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, out[-2000:] + err[-2000:]
+    assert "[stopped] SIGTERM: train stopped at iteration" in err and "--resume continues from iter_" in err
+    left = [p for p in os.listdir("/proc") if p.isdigit() and str(work) in _cmdline(p)]
+    assert not left  # no trainer left writing checkpoints
+    r = pipeline(*args, "--resume")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (work / "iter_100.pth").exists() and "[verdict] learned" in r.stdout
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -24,10 +24,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import _Source, builtin_config, load_config
+from .config import _Source, builtin_config, describe_changes, load_config
 from .data.io import DataError, atomic_dir, atomic_path, run_cli
 from .data.llava import load as load_llava_data
-from .run import StepFailed, _tool, checkpoints, run_step
+from .run import StepFailed, Stopped, _tool, checkpoints, run_step, stoppable
 from .settings import load_settings as _load_settings
 
 IMAGE_TOKEN = "<image>"
@@ -58,6 +58,11 @@ class LlavaSettings:
     profile: str = "gpu"                # gpu | cpu (fp32, plain optimizer)
     seed: int = 0
     work_dir: str = "work_dirs/llava"
+    # the keys the user gave (settings file or --set); None: all (settings made in code)
+    given: frozenset | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
+
+    def gave(self, name: str) -> bool:
+        return self.given is None or name in self.given
 
     def validate(self) -> "LlavaSettings":
         for name in ("llm_path", "visual_encoder_path", "data_path", "image_folder"):
@@ -79,11 +84,22 @@ def load_settings(path: str | None, overrides: list[str]) -> LlavaSettings:
     return _load_settings(path, overrides, LlavaSettings)
 
 
-def render(s: LlavaSettings, stage: str, pretrained_pth: str = "") -> str:
+def render(s: LlavaSettings, stage: str, pretrained_pth: str = "", changes: list | None = None) -> str:
+    """The stage's config; a config of the user's own (a path) keeps its values but for the
+    settings the user gave and the paths of the models and data. What changed from the base
+    config is appended to `changes` when given."""
     base = s.pretrain_config if stage == "pretrain" else s.finetune_config
     src = _Source(builtin_config(base).read_text(encoding="utf-8"))
     steps = s.pretrain_steps if stage == "pretrain" else s.finetune_steps
     data = (s.pretrain_data_path or s.data_path) if stage == "pretrain" else s.data_path
+    own = base.endswith(".py")
+    lr_key = "pretrain_lr" if stage == "pretrain" else "finetune_lr"
+    setting_of = {"max_length": "max_length", "batch_size": "batch_size", "lr": lr_key,
+                  "evaluation_inputs": "evaluation_inputs", "randomness": "seed",
+                  "evaluation_images": "evaluation_image"}
+
+    def take(var: str) -> bool:
+        return not own or var not in setting_of or s.gave(setting_of[var])
     literal = {
         "llm_name_or_path": repr(str(Path(s.llm_path).resolve()) if Path(s.llm_path).exists() else s.llm_path),
         "visual_encoder_name_or_path": repr(str(Path(s.visual_encoder_path).resolve())
@@ -102,7 +118,7 @@ def render(s: LlavaSettings, stage: str, pretrained_pth: str = "") -> str:
     if steps:
         literal["save_steps"] = repr(steps)
     for var, code in literal.items():
-        if src.has(var):
+        if src.has(var) and take(var):
             src.set_var(var, code)
     if stage == "finetune":
         if not src.has("pretrained_pth"):
@@ -110,9 +126,11 @@ def render(s: LlavaSettings, stage: str, pretrained_pth: str = "") -> str:
         src.set_var("pretrained_pth", repr(str(Path(pretrained_pth).resolve())))
         src.del_kw("model", ["visual_encoder_lora"])  # the vision tower stays as it is
         if src._keyword("model", ["llm_lora"]) is not None:
-            src.set_kw("model", ["llm_lora", "r"], repr(s.lora_r))
-            src.set_kw("model", ["llm_lora", "lora_alpha"], repr(s.lora_alpha))
-    if s.method == "lora" or stage == "pretrain" and s.profile == "cpu":
+            if not own or s.gave("lora_r"):
+                src.set_kw("model", ["llm_lora", "r"], repr(s.lora_r))
+            if not own or s.gave("lora_alpha"):
+                src.set_kw("model", ["llm_lora", "lora_alpha"], repr(s.lora_alpha))
+    if (s.method == "lora" and (not own or s.gave("method"))) or s.profile == "cpu":
         src.del_kw("model", ["llm", "quantization_config"])
     if s.profile == "cpu":
         src.set_kw("model", ["llm", "torch_dtype"], "torch.float32")
@@ -131,11 +149,15 @@ def render(s: LlavaSettings, stage: str, pretrained_pth: str = "") -> str:
         src.set_var("evaluation_freq", repr(10 * steps))
         if src._keyword("default_hooks", ["logger", "interval"]) is not None:
             src.set_kw("default_hooks", ["logger", "interval"], repr(max(1, min(10, steps // 10))))
+    if changes is not None:
+        changes += src.changes
     return f"# Rendered from XTuner's {base} by training/llava.py ({stage})\n" + src.text
 
 
 def write_config(s: LlavaSettings, stage: str, out: Path, pretrained_pth: str = "") -> Path:
-    text = render(s, stage, pretrained_pth)
+    changes: list = []
+    text = render(s, stage, pretrained_pth, changes)
+    print(describe_changes(changes, s.pretrain_config if stage == "pretrain" else s.finetune_config), flush=True)
     with atomic_path(out) as tmp:
         tmp.write_text(text, encoding="utf-8")
         load_config(tmp)
@@ -273,7 +295,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> None:
         run(load_settings(a.config, a.set), a.out)
-    return run_cli(work, errors=(StepFailed,))
+    try:
+        with stoppable():
+            return run_cli(work, errors=(StepFailed,))
+    except Stopped as stop:
+        where = f" at {stop.where}" if stop.where else ""
+        print(f"[stopped] {stop}: {stop.step or 'the run'} stopped{where}, its processes with it",
+              file=sys.stderr, flush=True)
+        return 128 + stop.signum
 
 if __name__ == "__main__":
     sys.exit(main())

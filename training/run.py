@@ -7,14 +7,17 @@ crashed convert or merge leaves a `.partial` folder, never one that looks comple
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 from .data.io import DataError, atomic_dir
 from .settings import TrainSettings
@@ -27,6 +30,57 @@ class StepFailed(RuntimeError):
     """An XTuner step exited non-zero; the message names the step and its log."""
 
 
+class Stopped(Exception):
+    """Ctrl-C or SIGTERM: the step running was stopped with its whole process tree."""
+
+    def __init__(self, signum: int, step: str = "", where: str = ""):
+        super().__init__(signal.Signals(signum).name)
+        self.signum, self.step, self.where = signum, step, where
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stoppable() -> Iterator[None]:
+    """While inside: Ctrl-C and SIGTERM raise Stopped (so the step's children are stopped too and
+    the run says so), instead of ending this process alone and leaving a trainer running."""
+    old = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _stop_tree(proc: subprocess.Popen, grace_s: float = 30.0) -> None:
+    """End the step's whole process group (torchrun's workers, XTuner's dataloader workers):
+    SIGTERM, then SIGKILL after `grace_s`. Further signals wait until it is done."""
+    if proc.poll() is not None:
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else \
+        f"{seconds // 60}m{seconds % 60:02d}s"
+
+
 def _env(local_model: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -36,25 +90,41 @@ def _env(local_model: bool) -> dict:
 
 
 def run_step(name: str, cmd: list[str], log: Path, local_model: bool = True) -> None:
-    """Run a step, teeing its output to `log`; training iterations become a progress line."""
+    """Run a step, teeing its output to `log`; training iterations become a progress line with
+    the time left. The step runs in a process group of its own: when this run is stopped
+    (Ctrl-C, SIGTERM: `stoppable`), the whole group is stopped with it."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{name}] {' '.join(cmd)}", flush=True)
     tail: list[str] = []
-    start = time.monotonic()
+    start, first, where = time.monotonic(), None, ""
     with open(log, "a", encoding="utf-8") as f:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=_env(local_model), cwd=ROOT, errors="replace")
-        for line in proc.stdout:
-            f.write(line)
-            f.flush()  # `tail -f train.log` shows each line as it comes
-            tail = (tail + [line.rstrip()])[-40:]
-            m = _ITER.search(line)
-            if m:
-                done, total, loss = int(m.group(1)), int(m.group(2)), m.group(3)
-                bar = "#" * int(30 * done / total)
-                print(f"\r[{name}] [{bar:<30}] {done}/{total} loss {loss} "
-                      f"{time.monotonic() - start:.0f}s", end="", flush=True)
-        code = proc.wait()
+                                env=_env(local_model), cwd=ROOT, errors="replace", start_new_session=True)
+        try:
+            for line in proc.stdout:
+                f.write(line)
+                f.flush()  # `tail -f train.log` shows each line as it comes
+                tail = (tail + [line.rstrip()])[-40:]
+                m = _ITER.search(line)
+                if m:
+                    done, total, loss = int(m.group(1)), int(m.group(2)), m.group(3)
+                    now = time.monotonic()
+                    first = first or (now, done)
+                    eta = ""
+                    if done > first[1]:  # the rate since the first logged line (start-up left out)
+                        eta = f" ETA {_clock((now - first[0]) / (done - first[1]) * (total - done))}"
+                    where = f"iteration {done}/{total}"
+                    bar = "#" * int(30 * done / total)
+                    print(f"\r[{name}] [{bar:<30}] {done}/{total} loss {loss} {_clock(now - start)}{eta}  ",
+                          end="", flush=True)
+            code = proc.wait()
+        except Stopped as stop:
+            _stop_tree(proc)
+            print(flush=True)
+            stop.step, stop.where = name, where
+            raise
+        finally:
+            _stop_tree(proc)
     print(flush=True)
     if code != 0:
         shown = "\n".join(tail[-25:])
@@ -65,9 +135,18 @@ def _tool(name: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "training.xtuner_tool", name, *args]
 
 
+AS_RUN = "config_as_run.py"  # mmengine's flattened dump of the config, written when training starts
+
+
 def train(config: Path, s: TrainSettings, resume: bool = False) -> Path:
+    """XTuner's train on a copy of `config`: mmengine dumps the config it ran into the work dir
+    under the name it was given, which would replace the readable WORK_DIR/config.py; the dump
+    lands beside it as config_as_run.py instead."""
     work = Path(s.work_dir)
-    args = [str(config), "--work-dir", str(work), "--seed", str(s.seed)]
+    copy = work / ".xtuner" / AS_RUN
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(config, copy)
+    args = [str(copy), "--work-dir", str(work), "--seed", str(s.seed)]
     if s.deepspeed:
         args += ["--deepspeed", f"deepspeed_{s.deepspeed}"]
     if resume:

@@ -4,10 +4,14 @@
     model_path: /root/models/internlm2-chat-1_8b
     data_files: [data/self_cognition.jsonl]
     method: lora            # qlora | lora | full
-    max_steps: 300          # 0: train by epochs
+    max_steps: 300          # optimizer updates (each is accumulative_counts batches); 0: train by epochs
     evaluation_inputs: [你是谁, 请介绍一下你自己]
 
 Keys not given keep the defaults below; `--set key=value` on the command line wins over the file.
+With `base_config` the path of a config of one's own (the tutorials' `xtuner copy-cfg` + edit),
+that config's values stay unless a key is given here. Steps (`max_steps`, `save_steps`,
+`evaluation_freq`) count optimizer updates, as Hugging Face's Trainer counts them; XTuner counts
+batches ("iterations"), and the pipeline says what each comes to.
 """
 from __future__ import annotations
 
@@ -34,15 +38,15 @@ class TrainSettings:
     pack_to_max_length: bool = True
     activation_checkpointing: str = "auto"  # true | false | auto: off on GPUs of >= 80 GB
     batch_size: int = 1
-    accumulative_counts: int = 16
+    accumulative_counts: int = 16       # batches per optimizer update
     epochs: int = 3
-    max_steps: int = 0                  # > 0: iteration-based loop and schedule
+    max_steps: int = 0                  # optimizer updates; > 0: an iteration-based loop and schedule
     lr: float = 2e-4
     warmup_ratio: float = 0.03
-    save_steps: int = 500
+    save_steps: int = 25                # optimizer updates between checkpoints
     log_interval: int = 10              # iterations per line of train.log (and per progress step)
     save_total_limit: int = -1          # keep every checkpoint: selection scores them all
-    evaluation_freq: int = 500
+    evaluation_freq: int = 25           # optimizer updates between XTuner's sample answers in the log
     evaluation_inputs: list[str] = field(default_factory=lambda: ["你是谁", "请介绍一下你自己"])
     general_questions: list[str] = field(default_factory=lambda: [
         "请用一句话介绍上海", "What is machine learning?"])
@@ -56,6 +60,11 @@ class TrainSettings:
     profile: str = "gpu"                # gpu | cpu (fp32, plain optimizer, no quantisation)
     seed: int = 0
     work_dir: str = "work_dirs/run"
+    # the keys the user gave (settings file or --set); None: all (settings made in code)
+    given: frozenset | None = field(default=None, repr=False, compare=False, metadata={"internal": True})
+
+    def gave(self, name: str) -> bool:
+        return self.given is None or name in self.given
 
     def validate(self) -> "TrainSettings":
         def bad(name: str, why: str) -> DataError:
@@ -131,10 +140,12 @@ def load_settings(path: str | Path | None = None, overrides: list[str] | None = 
             raise DataError(f"--set {item!r}: expected key=value")
         values[key.strip()] = yaml.safe_load(value) if value.strip() else ""
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     settings = cls()
     for key, value in values.items():
         if key not in known:
             raise DataError(f"{path or '--set'}: unknown setting {key!r}")
         setattr(settings, key, _coerce(key, value, hints[key]))
+    if "given" in {f.name for f in dataclasses.fields(cls)}:
+        settings.given = frozenset(values)
     return settings.validate()

@@ -27,14 +27,15 @@ def test_qlora_gpu_render_keeps_quantisation_and_uses_our_data(tmp_path):
     assert ds.template_map_fn.template.SUFFIX == "<|im_end|>"
     assert cfg.optim_wrapper.type.__name__ == "AmpOptimWrapper" and cfg.optim_wrapper.optimizer.lr == 1e-4
     assert cfg.optim_wrapper.accumulative_counts == 8 and cfg.train_dataloader.batch_size == 2
-    assert cfg.train_cfg.max_epochs == 2 and cfg.default_hooks.checkpoint.interval == 100
+    # save_steps counts optimizer updates: 100 of them are 800 batches at accumulation 8
+    assert cfg.train_cfg.max_epochs == 2 and cfg.default_hooks.checkpoint.interval == 800
     hook = cfg.custom_hooks[1]
     assert hook.evaluation_inputs == ["你是谁"] and hook.system == "你是小明"
 
 
 def test_cpu_lora_iteration_schedule(tmp_path):
     s = settings(tmp_path, method="lora", profile="cpu", max_steps=300, warmup_ratio=0.03, lora_r=8,
-                 lora_alpha=16, save_total_limit=-1)
+                 lora_alpha=16, save_total_limit=-1, accumulative_counts=1)
     cfg = load_config(write_config(s, tmp_path / "cfg.py"))
     assert "quantization_config" not in cfg.model.llm and str(cfg.model.llm.torch_dtype) == "torch.float32"
     assert cfg.model.lora.r == 8 and cfg.model.lora.lora_alpha == 16
@@ -84,7 +85,15 @@ def test_settings_file_errors(tmp_path):
 
 def test_a_broken_render_leaves_no_file(tmp_path, monkeypatch):
     import training.config as c
-    monkeypatch.setattr(c, "render", lambda s: "this is not python(")
+    monkeypatch.setattr(c, "render_config", lambda s: ("this is not python(", []))
     with pytest.raises(DataError, match="does not load"):
         write_config(settings(tmp_path), tmp_path / "cfg.py")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_max_steps_counts_optimizer_updates(tmp_path):
+    """20 steps at accumulation 16 were 20 batches (one update and a bit); they are 20 updates."""
+    cfg = load_config(write_config(settings(tmp_path, max_steps=20, accumulative_counts=16, save_steps=5),
+                                   tmp_path / "cfg.py"))
+    assert cfg.train_cfg.max_iters == 320 and cfg.default_hooks.checkpoint.interval == 80
+    assert cfg.param_scheduler[1].end == 320

@@ -196,3 +196,38 @@ def test_self_cognition_asks_on_later_turns_and_mixes_no_identity_answers(tmp_pa
     after = [r["messages"][i + 2:] for r, i in zip(identity, asked_at) if len(r["messages"]) > i + 2]
     assert after and all([m["content"] for m in rest] == ["1加1等于几？", "2"] for rest in after)
     assert not any(m["content"] == "我是一个人工智能助手" for r in rows for m in r["messages"])  # the old answer is not mixed in
+
+
+@pytest.mark.parametrize("turn,message", [
+    ({"system": "s", "input": {"text": "你是谁"}, "output": "我是小明"},
+     "record 1: conversation[0].input: must be a string, got an object with keys text"),
+    ({"input": "多少岁", "output": 37}, "record 1: conversation[0].output: must be a string, got the number 37 "
+                                       "(put it in quotes: the answer is text)"),
+    ({"input": " ", "output": "a"}, "record 1: conversation[0].input: empty"),
+])
+def test_xtuner_files_get_errors_in_their_own_fields(tmp_path, turn, message):
+    """The camp's assistant_Tuner.jsonl (an input that is an object) and the xlsx script's
+    "output": 37 were reported as messages[1].content, a field not in the user's file."""
+    f = tmp_path / "d.json"
+    f.write_text(json.dumps([{"conversation": [turn]}], ensure_ascii=False), encoding="utf-8")
+    for tool in (("validate", f), ("convert", "xtuner", f, tmp_path / "o.jsonl"),
+                 ("replace", f, tmp_path / "o.jsonl", "--old", "小", "--new", "大")):
+        assert_one_error_line(cli(*tool), message)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_the_camps_change_script_output_goes_through_replace(tmp_path):
+    """change_script.py writes each record back with json.dumps (XTuner conversations, JSONL)."""
+    rec = {"conversation": [{"system": "Role: 尖米的智能助手", "input": "你是谁", "output": "我是尖米的智能助手"}]}
+    f = tmp_path / "assistant_Tuner_change.jsonl"
+    f.write_text(json.dumps(rec, ensure_ascii=False) + "\n", encoding="utf-8")
+    r = cli("replace", f, tmp_path / "o.jsonl", "--old_text", "尖米", "--new_text", "小明")
+    assert r.returncode == 0 and "1 samples, 2 replacements" in r.stdout
+
+
+def test_an_empty_file_is_refused_not_written_as_zero_samples(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("", encoding="utf-8")
+    assert_one_error_line(cli("convert", "xtuner", empty, tmp_path / "o.jsonl"), "no samples")
+    assert_one_error_line(cli("replace", empty, tmp_path / "o.jsonl", "--old", "a", "--new", "b"), "no samples")
+    assert not (tmp_path / "o.jsonl").exists()

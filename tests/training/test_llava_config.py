@@ -45,3 +45,27 @@ def test_without_an_evaluation_image_nothing_is_downloaded(tmp_path):
     cfg = load_config(write_config(settings(tmp_path, evaluation_image=str(tmp_path / "oph.jpg")), "finetune",
                                    tmp_path / "ft2.py", tmp_path / "p.pth"))
     assert cfg.evaluation_images == str(tmp_path / "oph.jpg")
+
+
+def test_a_copied_llava_config_keeps_its_batch_size_and_questions(tmp_path, capsys):
+    """A tutorial's edited copy (batch_size 1, its own two questions) as finetune_config, with only
+    the required keys: batch_size became 16 and two questions became one. They stay now, and what
+    changed is listed."""
+    from training.config import builtin_config
+
+    name = "llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune"
+    text = builtin_config(name).read_text(encoding="utf-8").replace("batch_size = 16  # per_device", "batch_size = 1")
+    mine = tmp_path / f"{name}_copy.py"
+    mine.write_text(text, encoding="utf-8")
+    yaml = tmp_path / "llava.yaml"
+    yaml.write_text(f"llm_path: /m/llm\nvisual_encoder_path: /m/clip\ndata_path: {tmp_path / 'd.json'}\n"
+                    f"image_folder: {tmp_path}\nfinetune_config: {mine}\n", encoding="utf-8")
+    s = load_settings(str(yaml), [])
+    cfg = load_config(write_config(s, "finetune", tmp_path / "ft.py", tmp_path / "p.pth"))
+    assert cfg.batch_size == 1 and cfg.train_dataloader.batch_size == 1
+    assert cfg.evaluation_inputs == ["请描述一下这张照片", "Please describe this picture"]
+    listed = capsys.readouterr().out
+    assert f"[config] changed from {mine.name}:" in listed and "llm_name_or_path:" in listed
+    assert "batch_size:" not in listed
+    s = load_settings(str(yaml), ["batch_size=4"])
+    assert load_config(write_config(s, "finetune", tmp_path / "ft.py", tmp_path / "p.pth")).batch_size == 4

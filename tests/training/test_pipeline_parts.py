@@ -78,7 +78,7 @@ def test_a_file_that_is_neither_says_what_it_is(tmp_path):
     with pytest.raises(DataError, match="one JSON object with keys data: expected JSONL or a JSON array"):
         validate(f)
     f.write_text('[{"conversation": [{"input": "q", "output": ""}]}]', encoding="utf-8")
-    with pytest.raises(DataError, match=r"record 1: messages\[1\].content: empty assistant turn"):
+    with pytest.raises(DataError, match=r"record 1: conversation\[0\].output: empty"):
         validate(f)
 
 
@@ -156,12 +156,43 @@ def test_qlora_and_deepspeed_are_checked_before_anything_runs(tmp_path, monkeypa
         preflight(settings(tmp_path, method="lora", profile="gpu", gpus=2))
 
 
-def test_missing_inputs_are_named_before_the_data_check(tmp_path):
+def test_missing_inputs_are_named_before_the_data_check(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"model_path: /nope/internlm2: no such folder"):
         preflight(settings(tmp_path, model_path="/nope/internlm2"))
     with pytest.raises(DataError, match="base_config: XTuner has no built-in config 'nonsense'"):
         preflight(settings(tmp_path, base_config="nonsense"))
-    preflight(settings(tmp_path, model_path="internlm/internlm2-chat-1_8b"))  # a hub id is XTuner's to fetch
+    monkeypatch.setattr("training.pipeline.hub_reachable", lambda: "")  # the hub answers: XTuner fetches it
+    assert preflight(settings(tmp_path, model_path="internlm/internlm2-chat-1_8b")).model_path == \
+        "internlm/internlm2-chat-1_8b"
+    assert preflight(settings(tmp_path, model_path="hf://internlm/internlm2-chat-1_8b")).model_path == \
+        "internlm/internlm2-chat-1_8b"
+
+
+def test_a_mistyped_path_shaped_like_a_hub_id_is_not_sent_to_an_unreachable_hub(tmp_path, monkeypatch):
+    """ft/modle (a typo of a folder) went to the hub: 49 s and ~20 retry lines offline. Now the
+    hub is asked only if it answers, and the error gives both readings."""
+    from training.pipeline import hub_reachable
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert hub_reachable()  # refused at once
+    with pytest.raises(DataError, match=r"model_path: ft/modle: no such folder here; read as a Hugging Face hub "
+                                        r"id the hub is not reachable .*hf://ft/modle or modelscope://ft/modle"):
+        preflight(settings(tmp_path, model_path="ft/modle"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_reachable() == "HF_HUB_OFFLINE is set"
+
+
+def _closed_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_llava_config_as_base_config_says_to_use_training_llava(tmp_path):
+    with pytest.raises(DataError, match="is a LLaVA \\(image\\) config: run python -m training.llava"):
+        preflight(settings(tmp_path, base_config="llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune"))
 
 
 # 8. the smaller traps
@@ -255,3 +286,173 @@ def test_mfu_comes_from_the_parameter_count(tmp_path):
                              f"tokens_per_sec: 24146.0" for i in (5, 10, 15)), encoding="utf-8")
     out = summary(log, tmp_path, 8192)
     assert "model 304.5 TFLOPs" in out and "XTuner's hardware estimate 319.1 TFLOPs" in out
+
+
+# issue 20: never ship a model that learned nothing, honour the user's config, stop when told
+
+def test_checkpoints_before_the_first_update_are_no_candidates_and_a_run_that_learned_nothing_says_so(tmp_path):
+    from training.select import judge
+
+    s = settings(tmp_path, expected_answer="小明", accumulative_counts=16)
+    v = judge([], None, s, [10], 16, (2.1, 2.0))
+    assert v.kind == "did not learn" and "iter_10" in v.reason and "first optimizer update (iteration 16" in v.reason
+    nothing = [Score(20, 0, 1.5, {"你是谁": "我是一个助手"}), Score(40, 0, 1.4, {"你是谁": "我是助手"})]
+    v = judge(nothing, pick(nothing, s), s, [], 16, (2.1, 2.0))
+    assert not v.learned and "no checkpoint's answers hold '小明'" in v.reason
+    broken = [Score(20, 2, 1.0, {"你是谁": "我是小明\ufffd"}, broken=2)]
+    assert judge(broken, broken[0], s, [], 16, (2.1, 0.5)).kind == "broken answers"  # an identity answer broken
+    assert judge(broken, broken[0], s, [], 16, (2.1, 0.5), base_broken=2).learned  # broken before training too
+    one = [Score(20, 2, 1.8, {"你是谁": "我是小明", "请介绍一下你自己": "小明"}, broken=1)]
+    v = judge(one, one[0], s, [], 16, (2.1, 0.5))
+    assert v.learned and "1 of 6 answers with broken characters (the base model 0)" in v.reason
+    most = [Score(20, 2, 0.0, {"你是谁": "我是小明", "请介绍一下你自己": "小明"}, broken=4)]
+    assert judge(most, most[0], s, [], 16, (2.1, 0.5)).kind == "broken answers"  # most of them: fallen apart
+    good = [Score(20, 2, 1.8, {"你是谁": "我是小明"})]
+    v = judge(good, good[0], s, [], 16, (2.1, 0.3))
+    assert v.learned and v.line().startswith("[verdict] learned: iter_20: 2/2 identity answers hold '小明'")
+    no_key = settings(tmp_path, expected_answer="")
+    assert judge(good, good[0], no_key, [], 1, (2.1, 2.05)).kind == "did not learn"  # the loss did not fall
+    assert judge(good, good[0], no_key, [], 1, (2.1, 0.4)).learned
+
+
+def test_ties_go_to_whole_answers_close_to_the_training_data_not_the_earliest(tmp_path):
+    from training.select import identity_quality
+
+    s = settings(tmp_path, expected_answer="小明", evaluation_inputs=["你是谁"])
+    targets = ["我的名字是小明，由你亲手微调出来的AI助手。"]
+    early = Score(30, 1, 1.0, {"你是谁": "我的小明，由"}, identity_quality=identity_quality("我的小明，由", "小明", targets))
+    late = Score(40, 1, 1.0, {"你是谁": targets[0]}, identity_quality=identity_quality(targets[0], "小明", targets))
+    assert pick([early, late], s) is late
+    broken_early = Score(10, 1, 1.0, {"你是谁": "小明"}, broken=2)
+    clean_late = Score(20, 1, 1.0, {"你是谁": "小明"}, broken=1)
+    assert pick([broken_early, clean_late], s) is clean_late  # a tie: fewer broken answers first
+    assert identity_quality("我是小明\ufffd", "小明", targets) == 0.0
+
+
+def test_a_rerun_moves_the_merged_model_and_out_aside_and_checks_the_data_first(tmp_path):
+    from training.pipeline import run
+
+    work, out = tmp_path / "work", tmp_path / "elsewhere" / "model"
+    for p in (work / "merged", out):
+        p.mkdir(parents=True)
+        (p / "config.json").write_text("{}")
+    (work / "iter_10.pth").write_text("old")
+    gbk = tmp_path / "gbk.jsonl"
+    gbk.write_bytes(json.dumps({"messages": [{"role": "user", "content": "你好"}, {"role": "assistant",
+                                             "content": "小红"}]}, ensure_ascii=False).encode("gbk"))
+    with pytest.raises(DataError, match="not UTF-8 text"):
+        run(settings(tmp_path, data_files=[str(gbk)]), out)
+    assert (work / "iter_10.pth").exists() and (work / "merged").exists() and not (work / "previous").exists()
+    prepare_work_dir(work, resume=False, out=out)
+    assert not (work / "merged").exists() and not out.exists()
+    (moved,) = (work / "previous").iterdir()
+    assert sorted(p.name for p in moved.iterdir()) == ["iter_10.pth", "merged", "model"]
+
+
+def test_a_copied_config_keeps_its_values_unless_a_key_is_given_and_every_change_is_listed(tmp_path):
+    from training.config import builtin_config, describe_changes, render_config
+    from training.settings import load_settings
+
+    text = builtin_config("internlm2_chat_1_8b_qlora_alpaca_e3").read_text(encoding="utf-8")
+    for old, new in (("max_length = 2048", "max_length = 1024"), ("max_epochs = 3", "max_epochs = 2"),
+                     ("save_steps = 500", "save_steps = 300"), ("save_total_limit = 2", "save_total_limit = 3"),
+                     ("evaluation_freq = 500", "evaluation_freq = 300")):
+        assert old in text
+        text = text.replace(old, new)
+    mine = tmp_path / "internlm2_chat_1_8b_qlora_alpaca_e3_copy.py"
+    mine.write_text(text, encoding="utf-8")
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text(f"base_config: {mine}\nmodel_path: {tmp_path}\ndata_files: [{data}]\n", encoding="utf-8")
+    s = load_settings(yaml, [])
+    cfg_text, changes = render_config(s)
+    out = tmp_path / "cfg.py"
+    out.write_text(cfg_text, encoding="utf-8")
+    cfg = load_config(out)
+    assert cfg.max_length == 1024 and cfg.train_cfg.max_epochs == 2 and cfg.default_hooks.checkpoint.interval == 300
+    assert cfg.default_hooks.checkpoint.max_keep_ckpts == 3 and cfg.evaluation_freq == 300
+    assert cfg.evaluation_inputs == ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
+    names = [n for n, _, _ in changes]
+    assert "pretrained_model_name_or_path" in names and "max_length" not in names and "max_epochs" not in names
+    listing = describe_changes(changes, s.base_config)
+    assert listing.startswith(f"[config] changed from {mine.name}:") and "pretrained_model_name_or_path:" in listing
+    # a key given in the settings does change it, and says so
+    s = load_settings(yaml, ["max_length=2048", "save_steps=10"])
+    _, changes = render_config(s)
+    assert ("max_length", "1024", "2048") in changes and ("save_steps", "300", "160") in changes  # 10 x 16
+
+
+def test_the_summary_times_training_alone_and_has_no_tflops_on_a_cpu(tmp_path):
+    """797/289/293/894 tokens/s with evaluation and saving in the two middle intervals: 492 was
+    reported; training alone is ~846. A CPU run logs no memory: no TFLOPs figures."""
+    log = tmp_path / "train.log"
+    rows = [(10, 900.0, 5.8), (20, 797.0, 3.0), (30, 289.0, 2.0), (40, 293.0, 1.0), (50, 894.0, 0.5)]
+    log.write_text("\n".join(f"Iter(train) [{i:>3}/50]  time: 0.5  loss: {loss}  tflops: 0.0001  "
+                             f"tokens_per_sec: {t}" for i, t, loss in rows), encoding="utf-8")
+    out = summary(log, save_every=30, eval_every=40)
+    assert "loss 5.8 -> 0.5 over 50 iterations" in out and "846 tokens/s/process" in out
+    assert "TFLOPs" not in out
+
+
+def test_validate_says_when_records_are_mostly_duplicates(tmp_path):
+    f = tmp_path / "personal_assistant.json"
+    one = {"conversation": [{"input": "请做一下自我介绍", "output": "我是小红的小助手"}]}
+    f.write_text(json.dumps([one] * 2001, ensure_ascii=False), encoding="utf-8")
+    r = validate(f)
+    assert r.duplicates_note() == "mostly duplicates: 2,001 records, 1 distinct (each repeated ~2,001x)"
+    out = subprocess.run([sys.executable, "-m", "training.data.validate", str(f)], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "note: mostly duplicates" in out.stdout
+
+
+STOP_DRIVER = r'''
+import sys, time
+import training.pipeline as p
+from training.run import run_step
+
+def fake_run(s, out=None, resume=False, allow_unlearned=False):
+    trainer = ("import subprocess, sys, time\n"
+               "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+               "open(sys.argv[1], 'w').write(str(child.pid))\n"
+               "for i in range(1, 1000):\n"
+               "    print(f'Iter(train) [{i}/1000]  loss: 1.0', flush=True); time.sleep(0.05)\n")
+    run_step("train", [sys.executable, "-c", trainer, sys.argv[1]], p.Path(s.work_dir) / "train.log")
+p.run = fake_run
+sys.exit(p.main(sys.argv[2:]))
+'''
+
+
+def test_sigterm_stops_the_whole_training_tree_and_says_so(tmp_path):
+    import signal
+
+    s = settings(tmp_path)
+    pidfile = tmp_path / "grandchild.pid"
+    proc = subprocess.Popen([sys.executable, "-c", STOP_DRIVER, str(pidfile), "--set", f"model_path={s.model_path}",
+                             "--set", f"data_files={s.data_files[0]}", "--set", f"work_dir={s.work_dir}",
+                             "--set", "profile=cpu", "--set", "method=lora"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not ((tmp_path / "work" / "train.log").exists() and "[5/1000]" in
+               (tmp_path / "work" / "train.log").read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    grandchild = int(pidfile.read_text())
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, (out, err)
+    assert "[stopped] SIGTERM: train stopped at iteration" in err and "its processes with it" in err
+    deadline = time.time() + 30
+    while os.path.exists(f"/proc/{grandchild}") and time.time() < deadline:
+        if "Z" in open(f"/proc/{grandchild}/stat").read().rsplit(")", 1)[1].split()[0]:
+            break
+        time.sleep(0.05)
+    alive = os.path.exists(f"/proc/{grandchild}") and \
+        "Z" not in open(f"/proc/{grandchild}/stat").read().rsplit(")", 1)[1].split()[0]
+    assert not alive  # the trainer's own child went too: nothing left writing checkpoints
+
+
+def test_the_training_commands_run_from_any_folder(tmp_path):
+    for tool in ("chat-train", "chat-llava"):
+        r = subprocess.run([str(ROOT / ".venv-train" / "bin" / tool), "--help"], cwd=tmp_path, capture_output=True,
+                           text=True)
+        assert r.returncode == 0 and "usage:" in r.stdout, r.stderr[-500:]

@@ -107,6 +107,8 @@ def convert_xtuner(path: str | Path) -> list[dict]:
     for where, rec in read_records(path):
         conv = rec.get("conversation") if isinstance(rec, dict) else None
         out.append({"messages": check_sample(where, {"messages": conversation_messages(where, conv)})})
+    if not out:
+        raise DataError(f"{path}: no samples (an empty file)")
     return out
 
 

@@ -23,6 +23,8 @@ def replace(path: str, out: str, old: str, new: str, roles: tuple[str, ...] = RO
                 hits += m["content"].count(old)
                 m["content"] = m["content"].replace(old, new)
         rows.append({"messages": msgs})
+    if not rows:
+        raise DataError(f"{path}: no samples (an empty file)")
     return write_jsonl(out, rows), hits
 
 

@@ -9,6 +9,7 @@ an optional system message first, then user/assistant turns, ending with the ass
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,15 @@ class Report:
     turns: int = 0
     max_tokens: int = 0
     token_counts: list[int] = field(default_factory=list)
+    distinct: int = 0  # samples that differ from one another
+
+    def duplicates_note(self) -> str:
+        """Said when most records are copies (the tutorials' generate_data.py writes one sample
+        10,001 times): the model sees few examples, however many lines the file has."""
+        if self.samples < 10 or self.distinct > self.samples / 2:
+            return ""
+        return (f"mostly duplicates: {self.samples:,} records, {self.distinct:,} distinct (each repeated "
+                f"~{self.samples / max(1, self.distinct):,.0f}x)")
 
 
 def check_sample(where: str, obj: Any) -> list[dict]:
@@ -49,7 +59,7 @@ def check_sample(where: str, obj: Any) -> list[dict]:
         if role not in ROLES:
             raise DataError(f"{f}.role: unknown role {role!r} (use {', '.join(ROLES)})")
         if not isinstance(content, str):
-            raise DataError(f"{f}.content: must be a string")
+            raise DataError(f"{f}.content: must be a string, got {_kind(content)}")
         if not content.strip():
             raise DataError(f"{f}.content: empty {role} turn")
         if role == "system":
@@ -64,18 +74,39 @@ def check_sample(where: str, obj: Any) -> list[dict]:
     return msgs
 
 
+def _kind(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, dict):
+        return f"an object with keys {', '.join(map(str, list(value)[:5])) or '(none)'}"
+    return f"a JSON {type(value).__name__}" if not isinstance(value, list) else "a list"
+
+
 def conversation_messages(where: str, conv: Any) -> list[dict]:
-    """XTuner's conversation turns as messages."""
+    """XTuner's conversation turns as messages, checked in the file's own terms (an error names
+    conversation[i].input, not the messages it becomes)."""
     if not isinstance(conv, list) or not conv:
         raise DataError(f"{where}: conversation: missing or empty")
     msgs = []
     for i, turn in enumerate(conv):
+        at = f"{where}: conversation[{i}]"
         if not isinstance(turn, dict):
-            raise DataError(f"{where}: conversation[{i}]: must be an object with input and output")
+            raise DataError(f"{at}: must be an object with input and output, got {_kind(turn)}")
+        for key in ("system", "input", "output"):
+            value = turn.get(key, "")
+            if key == "system" and value in (None, ""):
+                continue
+            if not isinstance(value, str):
+                hint = " (put it in quotes: the answer is text)" if isinstance(value, (int, float)) \
+                    and not isinstance(value, bool) else ""
+                raise DataError(f"{at}.{key}: must be a string, got {_kind(value)}{hint}")
+            if key != "system" and not value.strip():
+                raise DataError(f"{at}.{key}: empty (XTuner would drop the sample)")
         if i == 0 and turn.get("system"):
             msgs.append({"role": "system", "content": turn["system"]})
-        msgs += [{"role": "user", "content": turn.get("input", "")},
-                 {"role": "assistant", "content": turn.get("output", "")}]
+        msgs += [{"role": "user", "content": turn["input"]}, {"role": "assistant", "content": turn["output"]}]
     return msgs
 
 
@@ -89,9 +120,10 @@ def validate(path: str | Path, tokenizer: Any = None, max_length: int | None = N
              template: Any = None) -> Report:
     """Raise DataError at the first problem; return counts. With a tokenizer and max_length,
     samples whose rendered length exceeds max_length are errors (XTuner would cut them)."""
-    report = Report()
+    report, seen = Report(), set()
     for where, msgs in samples(path):
         report.samples += 1
+        seen.add(hash(tuple((m["role"], m["content"]) for m in msgs)))
         report.turns += sum(m["role"] == "assistant" for m in msgs)
         if tokenizer is not None:
             tokens = count_tokens(tokenizer, msgs, template)
@@ -102,6 +134,7 @@ def validate(path: str | Path, tokenizer: Any = None, max_length: int | None = N
                                 f"{max_length} (XTuner would truncate it)")
     if report.samples == 0:
         raise DataError(f"{path}: no samples")
+    report.distinct = len(seen)
     return report
 
 
@@ -150,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         def one(f: str = f) -> str:
             r = validate(f, tok, a.max_length)
             extra = f", longest {r.max_tokens} tokens" if tok is not None else ""
-            return f"{f}: {r.samples} samples, {r.turns} answers{extra}: OK"
+            note = f"; note: {r.duplicates_note()}" if r.duplicates_note() else ""
+            return f"{f}: {r.samples} samples, {r.turns} answers{extra}: OK{note}"
         bad += run_cli(one) != 0
     return 1 if bad else 0
 
