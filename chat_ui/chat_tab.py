@@ -18,7 +18,7 @@ from loguru import logger
 from .conversation import BUSY, Conversations, LiveReply, Refusal
 from .history import display, error_message, feedback_of
 from .page import (BUSY_BUTTONS, IDLE_BUTTONS, LATEX, WELCOME, counter_js, input_box, refusal, refusing,
-                   text_of_event)
+                   text_of_event, too_long_js)
 from .sidebar import Sidebar
 from .stream import APPLY, READER, STOP_READING, start_value
 
@@ -156,12 +156,13 @@ class ChatTab:
         # queued (no limit: at once) for its warnings to reach the page as toasts
         gr.on([self.box.submit, self.send_btn.click], self.accept, [self.box, ptr, *form],
               [self.box, ptr, chatbot, stats, reader, self.sidebar.chat_list, *buttons], api_name="page_send",
-              concurrency_limit=None, api_visibility="private", trigger_mode="once")
+              concurrency_limit=None, api_visibility="private", trigger_mode="once",
+              js=too_long_js(self.service.settings.max_input_chars))
         chatbot.example_select(self.accept_example, [ptr, *form],
                                [ptr, chatbot, stats, reader, self.sidebar.chat_list, *buttons],
                                concurrency_limit=None, api_visibility="private")
         # the reply's updates, into the chat window, in the browser only; its end, from the store
-        reader.change(None, [reader, chatbot, stats], [chatbot, stats], js=APPLY, queue=False)
+        reader.change(None, [reader, chatbot, stats], [chatbot, stats, *buttons], js=APPLY, queue=False)
         reader.submit(self.finished, [reader, ptr], [chatbot, stats, *buttons, self.sidebar.chat_list],
                       api_name="page_reply_done", api_visibility="private", concurrency_limit=None)
         # an action that takes the chat over: the reader stops at once, then the server acts

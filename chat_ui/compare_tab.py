@@ -12,7 +12,7 @@ from infer_engine import Engine, EngineError
 
 from .conversation import Conversations, NoImages, Refusal, question
 from .history import display, error_message, to_engine_messages
-from .page import LATEX, as_error, input_box, refusal, refusing
+from .page import LATEX, as_error, input_box, refusal, refusing, too_long_js
 from .replies import compare_reply, visitor_message
 
 
@@ -164,9 +164,22 @@ class CompareTab:
             engine.cancel(engine_sid)
         await self.service.turns.settled(sid)
 
+    async def stop_shown(self, stats_a: str, stats_b: str, request: gr.Request) -> tuple:
+        """Stop, for the page: a side still waiting says it was stopped."""
+        await self.stop(request)
+        return tuple("Stopped." if st == "…" else st for st in (stats_a, stats_b))
+
     async def clear(self, request: gr.Request) -> tuple:
         await self.stop(request)
         return [], [], [], [], "", "", ""
+
+    async def clear_a(self, stats_a: str, stats_b: str, request: gr.Request) -> tuple:
+        """A side's own 🗑: the replies stop, and that side's history goes with its display (the
+        next question is asked of that model afresh); the other side stays as it is."""
+        return [], "", (await self.stop_shown(stats_a, stats_b, request))[1]
+
+    async def clear_b(self, stats_a: str, stats_b: str, request: gr.Request) -> tuple:
+        return [], (await self.stop_shown(stats_a, stats_b, request))[0], ""
 
     def wire(self, form: list, concurrency: int) -> None:
         gen = dict(concurrency_limit=concurrency, concurrency_id="generate")
@@ -174,14 +187,20 @@ class CompareTab:
         cin = [self.box, self.hist_a, self.hist_b, *form]
         accepted = gr.on([self.box.submit, self.ask_btn.click], self.accept, cin,
                          [self.box, self.chat_a, self.chat_b, self.hist_a, self.hist_b, self.stats_a, self.stats_b,
-                          self.claim], concurrency_limit=None, api_visibility="private", trigger_mode="once")
+                          self.claim], concurrency_limit=None, api_visibility="private", trigger_mode="once",
+                         js=too_long_js(self.service.settings.max_input_chars))
         replying = accepted.success(self.reply, [self.claim, self.hist_a, self.hist_b],
                                     [self.chat_a, self.chat_b, self.hist_a, self.hist_b, self.stats_a, self.stats_b],
                                     api_visibility="private", **gen)
         api = self.api_btn.click(self.compare, cin, couts, api_name="compare", preprocess=False,
                                              postprocess=False, **gen)
         self.stop_btn.click(self.stop, None, None, api_name="stop_compare", cancels=[replying, api])
+        self.stop_btn.click(self.stop_shown, [self.stats_a, self.stats_b], [self.stats_a, self.stats_b],
+                            api_visibility="private")
         self.clear_btn.click(self.clear, None, couts, api_name="clear_compare", cancels=[replying, api])
+        stats = [self.stats_a, self.stats_b]
+        self.chat_a.clear(self.clear_a, stats, [self.hist_a, *stats], cancels=[replying], api_visibility="private")
+        self.chat_b.clear(self.clear_b, stats, [self.hist_b, *stats], cancels=[replying], api_visibility="private")
 
 
 def _sid(request: gr.Request | None, which: str) -> str:

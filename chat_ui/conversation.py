@@ -25,7 +25,7 @@ from loguru import logger
 from infer_engine import Engine, EngineError, InvalidRequest, SamplingParams
 from infer_engine.settings import check_text
 
-from .history import error_message, stats_line, to_engine_messages, without_last_reply
+from .history import TOO_LONG, error_message, stats_line, to_engine_messages, without_last_reply
 from .images import MAX_IMAGES_PER_MESSAGE, from_upload, uploaded_paths
 from .replies import (BUSY, LiveReply, NoImages, Refusal, Refused, Turns, log_reply, settings_dict, stats_error,
                       stream_reply, visitor_message)
@@ -38,6 +38,8 @@ __all__ = ["BUSY", "Conversations", "Form", "Limits", "LiveReply", "NoImages", "
 UPDATE_INTERVAL_S = 0.05   # the shortest gap between two updates a reader of a reply gets
 READER_WAIT_S = 30.0       # a reply that nobody reads this long after it starts (or after its last reader left) stops
 READER_GONE_S = 3.0        # ... or this long after its last reader left (a reader may come back)
+MAX_UNDO_DELETES = 1000    # browsers whose last deleted chat can be restored (the oldest forgotten first)
+PARTIAL_SAVE_S = 2.0       # a reply being written is saved this often (a process that stops keeps what came)
 MAX_BODY_BYTES = 1024 * 1024  # the most any request but an image upload needs
 
 
@@ -101,6 +103,7 @@ class Conversations:
         self._running: dict[str, LiveReply] = {}   # chat -> its reply, while one is written
         self._slots = asyncio.Semaphore(limits.concurrency)  # generation slots (bound to the loop on first use)
         self._waiting = 0
+        self._deleted: dict[str, Chat] = {}  # browser -> its last deleted chat (Undo)
         self.store.expire()
 
     # -- who and what -------------------------------------------------------------------
@@ -115,7 +118,26 @@ class Conversations:
             chat = new_chat(system=self.settings.system_prompt)
             self.store.save(ptr["browser"], chat)
         ptr["chat"] = chat.id
-        return ptr, chat
+        return ptr, self._settled_chat(ptr, chat)
+
+    def _settled_chat(self, ptr: dict, chat: Chat) -> Chat:
+        """The chat, with a reply that a stopped process left behind settled: what it had written
+        (saved as it went) is kept and marked cut; a question it never answered gets a notice
+        (so it is not sent again, and the next question follows a well-formed conversation)."""
+        last = chat.messages[-1] if chat.messages else None
+        stale = last is not None and (last.get("partial") or (last["role"] == "user" and not last.get("error")))
+        if not stale or chat_sid(ptr) in self._running or self.turns.active(chat_sid(ptr)):
+            return chat
+
+        def settle(c: Chat) -> None:
+            end = c.messages[-1] if c.messages else None
+            if end is not None and end.get("partial"):
+                c.messages[-1] = {**{k: v for k, v in end.items() if k != "partial"}, "finish": "cut"}
+            elif end is not None and end["role"] == "user" and not end.get("error"):
+                c.messages.append(error_message("No answer: the app stopped before it could reply. Please send it "
+                                                "again."))
+        settled, _ = self.store.update(ptr["browser"], chat.id, settle)
+        return settled or chat
 
     def first_chat(self, browser: str) -> tuple[dict, Chat]:
         """A returning browser's latest chat (a new one for a new browser)."""
@@ -124,9 +146,15 @@ class Conversations:
         return self.session({"browser": browser, "chat": chats[0].id if chats else None})
 
     def text(self, text: Any, what: str = "message") -> str:
-        text = (text or "").strip()
-        if len(text) > self.settings.max_input_chars:
-            raise Refusal(f"Your {what} has {len(text):,} characters; the limit is "
+        text = text or ""
+        if isinstance(text, str) and text.startswith(TOO_LONG) and text[len(TOO_LONG):].isdigit() \
+                and len(text) < 40:  # the page sent only the length of a message over the limit
+            length = int(text[len(TOO_LONG):])
+        else:
+            text = text.strip()
+            length = len(text)
+        if length > self.settings.max_input_chars or text.startswith(TOO_LONG):
+            raise Refusal(f"Your {what} has {length:,} characters; the limit is "
                           f"{self.settings.max_input_chars:,}. Please shorten it.")
         try:
             check_text(text, what)
@@ -278,7 +306,7 @@ class Conversations:
         chat released."""
         sid = live.sid
         settled = self.turns.streaming(sid)
-        usage, status = None, "ok"
+        usage, status, saved = None, "ok", asyncio.get_running_loop().time()
         try:
             self._waiting += 1
             try:
@@ -293,12 +321,16 @@ class Conversations:
                     async for text, u in stream_reply(self.engine, gen, sid):
                         usage = u or usage
                         live.add(text, stats_line(usage) if usage else None)
+                        if live.text and asyncio.get_running_loop().time() - saved > PARTIAL_SAVE_S:
+                            saved = asyncio.get_running_loop().time()  # what came survives the process
+                            self._save_partial(ptr, live)
                 except EngineError as exc:
                     status = f"{type(exc).__name__}: {exc.message}"
                     live.error, live.stats = exc, stats_error(exc)
             finally:
                 self._slots.release()
         finally:
+            live.finish = usage.finish_reason if usage is not None else None
             final = self._final(live)
             try:
                 if self.store.get(ptr["browser"], ptr["chat"]) is not None:
@@ -312,12 +344,19 @@ class Conversations:
                 asyncio.get_running_loop().call_later(READER_WAIT_S, self._replies.pop, live.token, None)
                 log_reply(sid, usage, status)
 
+    def _save_partial(self, ptr: dict, live: LiveReply) -> None:
+        """The reply so far, in the store (marked partial until it ends): a process that stops
+        mid-reply leaves it there (`_settled_chat` marks it cut)."""
+        partial = live.base + [{"role": "assistant", "content": live.text, "partial": True}]
+        self.store.update(ptr["browser"], ptr["chat"], lambda c: setattr(c, "messages", partial))
+
     @staticmethod
     def _final(live: LiveReply) -> list[dict]:
         """The chat as it is saved: the reply, or what came and a notice of what failed. A
         question the engine refused before any output is marked unanswered (not sent again)."""
         messages = list(live.base)
-        reply = [{"role": "assistant", "content": live.text}] if live.text or live.error is None else []
+        reply = [{"role": "assistant", "content": live.text, **({"finish": live.finish} if live.finish else {})}] \
+            if live.text or live.error is None else []
         if live.error is None:
             return messages + reply
         notice = error_message(visitor_message(live.error))
@@ -360,6 +399,9 @@ class Conversations:
         last = chat.messages[-1] if chat.messages else None
         if not last or last["role"] != "assistant" or last.get("error") or not last["content"]:
             raise Refusal("There is no reply to continue: send a message first.")
+        if last.get("finish") == "stop":
+            raise Refusal("The last reply is complete (the model ended it): there is nothing to continue. "
+                          "Retry gives another answer.")
         return ptr, self._begin(ptr, chat, lambda ms: ms, form, continue_final=True)
 
     async def stop(self, ptr: dict) -> tuple[Chat | None, bool]:
@@ -427,12 +469,28 @@ class Conversations:
             self.store.update(ptr["browser"], chat.id, lambda c: setattr(c, "title", title))
         return ptr
 
-    async def delete(self, ptr: dict) -> tuple[dict, Chat]:
+    async def delete(self, ptr: dict) -> tuple[dict, Chat, Chat]:
+        """Delete the chat; (the chat now shown, the one deleted). The last deleted chat of a
+        browser can be restored (`restore`) while this process runs."""
         ptr, chat = self.session(ptr)
         await self.interrupt(ptr)
+        chat = self.store.get(ptr["browser"], chat.id) or chat  # as the reply left it
         self.store.delete(ptr["browser"], chat.id)
+        self._deleted[ptr["browser"]] = chat
+        while len(self._deleted) > MAX_UNDO_DELETES:
+            self._deleted.pop(next(iter(self._deleted)))
         rest = self.store.chats(ptr["browser"])
-        return self.session({"browser": ptr["browser"], "chat": rest[0].id if rest else None})
+        ptr, shown = self.session({"browser": ptr["browser"], "chat": rest[0].id if rest else None})
+        return ptr, shown, chat
+
+    def restore(self, ptr: dict) -> tuple[dict, Chat] | None:
+        """The browser's last deleted chat, back in the store and shown (None: nothing to restore)."""
+        ptr, _ = self.session(ptr)
+        chat = self._deleted.pop(ptr["browser"], None)
+        if chat is None:
+            return None
+        self.store.save(ptr["browser"], chat)
+        return {**ptr, "chat": chat.id}, chat
 
     def save_settings(self, ptr: dict, system: str, settings: dict) -> dict:
         """The chat's system prompt and sampling settings, kept as they are changed."""

@@ -3,8 +3,9 @@
     python -m chat_ui.export_feedback --out data/liked.jsonl [--history-path PATH] [--all]
 
 Each chat with a 👍 reply becomes one sample, cut after its last liked reply (what follows was
-not rated), in the `messages` JSONL format that `training.data.validate` and the pipeline read;
-error notices and unanswered questions are left out. With --all, every chat with an answer goes
+not rated), in the `messages` JSONL format that `training.data.validate` and the pipeline read,
+with each answer's rating beside it ("ratings"); error notices and unanswered questions are left
+out, and a 👎 reply is never a target (the sample starts after it). With --all, every chat with an answer goes
 out, rated or not. The file is written whole or not at all.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .settings import AppSettings
-from .store import SQLiteStore, StoreError, training_messages
+from .store import SQLiteStore, StoreError, training_record
 
 
 def export(history_path: str, out: str, liked_only: bool = True) -> int:
@@ -25,7 +26,7 @@ def export(history_path: str, out: str, liked_only: bool = True) -> int:
         raise FileNotFoundError(f"{history_path}: no such chat store (the app's --history-path)")
     store = SQLiteStore(history_path)
     try:
-        rows = [msgs for _, chat in store.all_chats() if (msgs := training_messages(chat, liked_only))]
+        rows = [rec for _, chat in store.all_chats() if (rec := training_record(chat, liked_only))]
     finally:
         store.close()
     target = Path(out)
@@ -33,8 +34,8 @@ def export(history_path: str, out: str, liked_only: bool = True) -> int:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for msgs in rows:
-                f.write(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n")
+            for rec in rows:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:

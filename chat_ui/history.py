@@ -14,6 +14,8 @@ from infer_engine import Usage
 from .images import shown_file
 
 ERROR_MARK = "⚠️ "
+CUT_NOTE = "\n\n*⚠️ Cut off: the app stopped while writing this reply (what came is kept).*"
+TOO_LONG = "\x00too long: "  # what the page sends instead of a message over the limit (and its length)
 
 
 def text_of(content: Any) -> str:
@@ -38,6 +40,8 @@ def display(messages: list[dict], images: bool = True) -> list[dict]:
     out = []
     for m in messages:
         content = (ERROR_MARK + m["content"]) if m.get("error") else m["content"]
+        if m.get("finish") == "cut":
+            content += CUT_NOTE
         if images and m.get("images"):
             content = [{"path": shown_file(u), "mime_type": "image/jpeg"} for u in m["images"]] + \
                 ([content] if content else [])
@@ -85,7 +89,7 @@ def without_last_exchange(messages: list[dict]) -> tuple[list[dict], str]:
     return h, question
 
 
-def stats_line(usage: Usage | None) -> str:
+def stats_line(usage: Usage | None, can_continue: bool = True) -> str:
     if usage is None:
         return ""
     parts = [f"{usage.completion_tokens} tokens"]
@@ -96,5 +100,5 @@ def stats_line(usage: Usage | None) -> str:
     if usage.finish_reason == "cancelled":
         parts.append("stopped")
     elif usage.finish_reason == "length":
-        parts.append("cut at max new tokens (Continue goes on)")
+        parts.append("cut at max new tokens" + (" (Continue goes on)" if can_continue else ""))
     return " · ".join(parts)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 from typing import Any, Callable, Iterator
 
 import gradio as gr
 
+from .history import TOO_LONG
 from .images import MAX_IMAGES_PER_MESSAGE
 from .replies import Refusal
 
@@ -17,26 +19,56 @@ LATEX = [{"left": "$$", "right": "$$", "display": True}, {"left": "$", "right": 
          {"left": "\\(", "right": "\\)", "display": False}, {"left": "\\[", "right": "\\]", "display": True}]
 
 # Text and buttons at >= 4.5:1 contrast (Gradio's orange Send was 2.8:1, its red Stop 3.8:1, the
-# placeholder 1.9:1); the input bar stays in view on a phone while a reply streams.
+# placeholder 1.9:1, the selected tab 2.8:1, the footer 1.9:1), the message box's focus ring at
+# >= 3:1, the model's name readable; on a phone the input bar stays in view while a reply streams
+# and the controls are big enough to hit (44 px tall; message icons 28 px apart by 4).
 CSS = """
 #stats, #stats_a, #stats_b, #counter {font-size: 0.85em; color: #374151; min-height: 1.5em}
 #counter.over, #counter .over {color: #b91c1c; font-weight: 600}
 #send, #cmp_send {background: #c2410c !important; color: #ffffff !important; border-color: #c2410c !important}
 #stop, #cmp_stop {background: #b91c1c !important; color: #ffffff !important; border-color: #b91c1c !important}
-#input textarea::placeholder, #cmp_input textarea::placeholder {color: #4b5563 !important; opacity: 1}
+#input textarea::placeholder, #cmp_input textarea::placeholder, #rename_box input::placeholder,
+#rename_box textarea::placeholder {color: #4b5563 !important; opacity: 1}
+#input textarea:focus, #cmp_input textarea:focus {border-color: #c2410c !important; box-shadow: 0 0 0 2px #c2410c !important}
+button[role="tab"].selected {color: #9a3412 !important}
+footer, footer a, footer button, footer .divider {color: #374151 !important}
+#chatbot label[data-testid="block-label"], #chat_a label[data-testid="block-label"],
+#chat_b label[data-testid="block-label"] {font-size: 0.95rem !important; color: #1f2937 !important; font-weight: 600}
+#chatbot .message-buttons:focus-within {opacity: 1 !important}
 #banner {background: #fef3c7; color: #78350f; border-radius: 6px; padding: 0 0.75em}
 #system_hint {font-size: 0.85em; color: #374151}
 #input_bar {position: sticky; bottom: 0; z-index: 20; background: var(--background-fill-primary)}
-@media (max-width: 640px) { #chatbot {height: 52vh !important; max-height: 52vh !important} }
+@media (max-width: 640px) {
+  #chatbot {height: 52vh !important; max-height: 52vh !important}
+  #retry, #continue, #undo, #clear {min-height: 44px !important}
+  #chatbot .message-buttons {gap: 4px}
+  #chatbot .message-buttons button {min-width: 28px !important; min-height: 28px !important}
+}
 """
-# Copy buttons on every message came before the input in the tab order: keep them for the
-# mouse, take them out of the keyboard's way (the chat window's "copy all" stays reachable).
+# The page's keyboard and small fixes, in the browser: the side panel's controls leave the tab
+# order while it is closed (inert); an error notice shows no Like/Dislike (nothing to rate);
+# Escape stops a reply; after Stop (clicked or pressed) the focus is back in the message box.
 HEAD = """<script>
 (() => { let queued = false;
-  const untab = () => { queued = false; document.querySelectorAll('#chatbot .message-buttons button')
-    .forEach(b => b.setAttribute('tabindex', '-1')); };
-  new MutationObserver(() => { if (!queued) { queued = true; requestAnimationFrame(untab); } })
-    .observe(document.documentElement, {subtree: true, childList: true}); })();
+  const tidy = () => { queued = false;
+    const side = document.querySelector('.sidebar'), content = side && side.querySelector('.sidebar-content');
+    if (content) { const open = side.classList.contains('open') || side.getBoundingClientRect().left >= 0;
+      if (open) content.removeAttribute('inert'); else content.setAttribute('inert', ''); }
+    document.querySelectorAll('#chatbot [data-testid="bot"]').forEach(b => { const row = b.closest('.message-row');
+      if (!row) return; const notice = (b.innerText || '').trim().startsWith('\u26a0');
+      row.querySelectorAll('button[aria-label="Like"], button[aria-label="Dislike"]')
+        .forEach(x => { x.style.display = notice ? 'none' : ''; }); }); };
+  const later = () => { if (!queued) { queued = true; requestAnimationFrame(tidy); } };
+  new MutationObserver(later).observe(document.documentElement, {subtree: true, childList: true});
+  let watched = null;  // the side panel opens and closes by its style and class
+  setInterval(() => { const side = document.querySelector('.sidebar');
+    if (side && side !== watched) { watched = side;
+      new MutationObserver(later).observe(side, {attributes: true, attributeFilter: ['class', 'style']}); later(); } }, 500);
+  const toInput = () => { const t = document.querySelector('#input textarea'); if (t) t.focus(); };
+  document.addEventListener('click', e => { if (e.target.closest && e.target.closest('#stop')) setTimeout(toInput, 0); }, true);
+  document.addEventListener('keydown', e => { if (e.key !== 'Escape') return;
+    const stop = document.querySelector('#stop'); if (stop && stop.offsetParent !== null) { e.preventDefault(); stop.click(); } },
+    true); })();
 </script>"""
 
 
@@ -125,6 +157,16 @@ def system_hint(system: str) -> str:
         return ""
     return (f"System prompt active: “{system[:90]}{'…' if len(system) > 90 else ''}” "
             "(change it in the side panel, under Generation settings)")
+
+
+def too_long_js(limit: int) -> str:
+    """Before Send: a message over the limit goes to the server as its length alone, so that a
+    paste of megabytes gets the same "too long" refusal as one character too many (the whole
+    text would be refused at the request body's 1 MB limit, with bare "Error" badges)."""
+    return ("(m, ...rest) => { const t = typeof m === 'string' ? m : (m && m.text) || ''; const n = [...t].length; "
+            "if (n <= %d) return [m, ...rest]; const k = %s + n; "
+            "return [typeof m === 'string' ? k : {...m, text: k, files: []}, ...rest]; }"
+            % (limit, json.dumps(TOO_LONG)))
 
 
 def counter_js(limit: int) -> str:

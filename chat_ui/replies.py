@@ -118,6 +118,7 @@ class LiveReply:
         self.notice: str | None = None  # said to the visitor when it started (the store's)
         self.done = False
         self.interrupted = False  # stopped by an action on the chat (Stop, Clear, Undo, ...)
+        self.finish: str | None = None  # how it ended: stop, length, cancelled (once it has)
         self.version = 0
         self.readers = 0
         self._event = asyncio.Event()
@@ -198,7 +199,8 @@ async def compare_reply(engine: Engine, messages: list[dict], gen: Generation, s
             if usage is None and shown is not None and loop.time() - shown < interval():
                 continue
             shown = loop.time()
-            yield messages + [{"role": "assistant", "content": text}], stats_line(usage) if usage else "…"
+            yield messages + [{"role": "assistant", "content": text}], \
+                stats_line(usage, can_continue=False) if usage else "…"  # Compare has no Continue
     except EngineError as exc:
         status = f"{type(exc).__name__}: {exc.message}"
         kept = [{"role": "assistant", "content": text}] if text else []

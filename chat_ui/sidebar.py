@@ -13,8 +13,10 @@ from .conversation import Conversations
 from .form import FormFields, slider_settings
 from .history import display, feedback_of
 from .page import refusal, refusing, system_hint
-from .store import Chat, export_json, markdown
+from .store import Chat, export_all_json, export_json, markdown
 from .stream import STOP_READING
+
+JSON, MARKDOWN, ALL = "This chat: training JSONL", "This chat: Markdown", "All my chats: training JSONL"
 
 
 class Sidebar:
@@ -28,11 +30,13 @@ class Sidebar:
                                             elem_id="rename_box")
                 self.rename_btn = gr.Button("Rename", size="sm", scale=1, elem_id="rename")
             self.delete_btn = gr.Button("Delete this chat", size="sm", variant="secondary", elem_id="delete_chat")
+            self.undelete_btn = gr.Button("↶ Undo delete", size="sm", visible=False, elem_id="undo_delete")
             with gr.Accordion("Generation settings", open=False, elem_id="settings"):
                 self.form = FormFields(service, service.settings.system_prompt)
             with gr.Accordion("Export / import", open=False, elem_id="export"):
-                self.fmt = gr.Radio(["JSON (training format)", "Markdown"], value="JSON (training format)",
-                                    label="Export this chat as")
+                self.fmt = gr.Radio([JSON, MARKDOWN, ALL], value=JSON, label="Export",
+                                    info="training JSONL: what the training tools read as it is, 👍/👎 included; "
+                                         "a 👎 reply is left out as a target")
                 self.export_btn = gr.Button("Export", size="sm", elem_id="export_btn")
                 self.export_file = gr.File(label="Download", visible=False, interactive=False, elem_id="export_file")
                 self.import_box = gr.Textbox(label="Import a chat: paste its JSON", lines=3, elem_id="import_box")
@@ -66,8 +70,16 @@ class Sidebar:
         return self.chat_list_of(self.service.rename(ptr, title)), ""
 
     async def delete_chat(self, ptr: dict) -> tuple:
-        ptr, chat = await self.service.delete(ptr)
-        return (ptr, *self.view(ptr, chat), "")
+        ptr, chat, deleted = await self.service.delete(ptr)
+        gr.Info(f"Deleted “{deleted.title}”. Undo delete (in the side panel) brings it back.")
+        return (ptr, *self.view(ptr, chat), "", gr.update(visible=True, value=f"↶ Undo delete: “{deleted.title[:30]}”"))
+
+    def undelete_chat(self, ptr: dict) -> tuple:
+        restored = self.service.restore(ptr)
+        if restored is None:  # nothing to restore (another tab restored it): only the button goes
+            return (gr.skip(),) * (2 + len(self.view_outputs(None, None))) + (gr.update(visible=False),)
+        ptr, chat = restored
+        return (ptr, *self.view(ptr, chat), "", gr.update(visible=False))
 
     @refusing(lambda exc: (gr.skip(), gr.skip()))
     def save_settings(self, ptr: dict, system: str, *sliders: float) -> tuple:
@@ -76,10 +88,13 @@ class Sidebar:
 
     def export_chat(self, ptr: dict, fmt: str) -> Any:
         ptr, chat = self.service.session(ptr)
-        is_md = fmt.lower().startswith("markdown")
-        body = markdown(chat) if is_md else export_json(chat)
-        safe = "".join(ch for ch in chat.title if ch.isalnum() or ch in " -_")[:40].strip() or "chat"
-        path = Path(tempfile.mkdtemp(prefix="chat-export-")) / f"{safe}.{'md' if is_md else 'json'}"
+        if fmt == ALL:
+            body, name = export_all_json(self.service.store.chats(ptr["browser"])), "all chats.jsonl"
+        else:
+            body = markdown(chat) if fmt == MARKDOWN else export_json(chat)
+            safe = "".join(ch for ch in chat.title if ch.isalnum() or ch in " -_")[:40].strip() or "chat"
+            name = f"{safe}.{'md' if fmt == MARKDOWN else 'jsonl'}"
+        path = Path(tempfile.mkdtemp(prefix="chat-export-")) / name
         path.write_text(body, encoding="utf-8")
         return gr.update(value=str(path), visible=True)
 
@@ -97,7 +112,11 @@ class Sidebar:
         self.chat_list.input(self.switch_chat, [ptr, self.chat_list], [ptr, *view, stats], api_visibility="private")
         gr.on([self.rename_btn.click, self.title_box.submit], self.rename_chat, [ptr, self.title_box],
               [self.chat_list, self.title_box], api_visibility="private", queue=False)
-        self.delete_btn.click(self.delete_chat, [ptr], [ptr, *view, stats], api_visibility="private")
+        self.delete_btn.click(self.delete_chat, [ptr], [ptr, *view, stats, self.undelete_btn], api_visibility="private")
+        self.undelete_btn.click(self.undelete_chat, [ptr], [ptr, *view, stats, self.undelete_btn],
+                                api_visibility="private")
+        gr.on([self.new_btn.click, self.chat_list.input], lambda: gr.update(visible=False), None, [self.undelete_btn],
+              queue=False, api_visibility="private")
         gr.on([self.form.system.blur, *[sl.release for sl in self.form.sliders]], self.save_settings,
               [ptr, *self.form.inputs], [ptr, hint], api_visibility="private", concurrency_limit=None)
         self.export_btn.click(self.export_chat, [ptr, self.fmt], [self.export_file], api_visibility="private")

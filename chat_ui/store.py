@@ -242,13 +242,14 @@ class SQLiteStore(Store):
 
 # -- formats -----------------------------------------------------------------------------------
 
-def training_messages(chat: Chat, liked_only: bool = False) -> list[dict] | None:
+def training_turns(chat: Chat, liked_only: bool = False) -> tuple[list[dict], list[str | None]]:
     """The chat as a training sample (`messages` as training.data.validate reads them: system
-    first, then user and assistant taking turns, ending with an answer): error notices and
-    questions that got no answer are left out; with liked_only it ends at the last liked reply.
-    None when nothing is left."""
+    first, then user and assistant taking turns, ending with an answer) and each answer's rating.
+    Error notices and questions that got no answer are left out; a 👎 reply is never a target:
+    the sample starts after the last disliked exchange before its end; with liked_only it ends at
+    the last liked reply. ([], []) when nothing is left."""
     turns: list[dict] = []
-    last_liked = 0
+    ratings: list[str | None] = []
     for m in chat.messages:
         if m.get("error") or m.get("role") not in ("user", "assistant") or not m.get("content", "").strip():
             continue
@@ -258,13 +259,35 @@ def training_messages(chat: Chat, liked_only: bool = False) -> list[dict] | None
             turns.append({"role": "user", "content": m["content"]})
         elif turns and turns[-1]["role"] == "user":
             turns.append({"role": "assistant", "content": m["content"]})
-            if m.get("feedback") == "like":
-                last_liked = len(turns)
-    end = last_liked if liked_only else len(turns) - (1 if turns and turns[-1]["role"] == "user" else 0)
-    if not end:
-        return None
+            ratings.append(m.get("feedback"))
+    if turns and turns[-1]["role"] == "user":
+        turns.pop()
+    answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]  # index of each rated answer
+    if liked_only:
+        liked = [k for k, r in enumerate(ratings) if r == "like"]
+        if not liked:
+            return [], []
+        turns, ratings, answers = turns[:answers[liked[-1]] + 1], ratings[:liked[-1] + 1], answers[:liked[-1] + 1]
+    disliked = [k for k, r in enumerate(ratings) if r == "dislike"]
+    if disliked:  # what a 👎 reply answered, and it, are context at most: start after them
+        cut = answers[disliked[-1]] + 1
+        turns, ratings = turns[cut:], ratings[disliked[-1] + 1:]
+    if not turns:
+        return [], []
     system = [{"role": "system", "content": chat.system}] if chat.system.strip() else []
-    return system + turns[:end]
+    return system + turns, ratings
+
+
+def training_messages(chat: Chat, liked_only: bool = False) -> list[dict] | None:
+    """`training_turns`' sample alone; None when nothing is left."""
+    return training_turns(chat, liked_only)[0] or None
+
+
+def training_record(chat: Chat, liked_only: bool = False) -> dict | None:
+    """One line of training JSONL for the chat: its sample, and the ratings of its answers in
+    order ("like", "dislike" or null: what the visitor said of each), beside it."""
+    sample, ratings = training_turns(chat, liked_only)
+    return {"messages": sample, "ratings": ratings} if sample else None
 
 
 def markdown(chat: Chat) -> str:
@@ -289,6 +312,7 @@ def chat_from_json(text: str) -> Chat:
     if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
         raise ValueError('expected {"messages": [{"role": ..., "content": ...}, ...]}')
     system, messages = "", []
+    ratings = data.get("ratings") if isinstance(data.get("ratings"), list) else []
     for i, m in enumerate(data["messages"]):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
                 or not isinstance(m.get("content"), str):
@@ -297,6 +321,9 @@ def chat_from_json(text: str) -> Chat:
             system = m["content"]
         else:
             messages.append({"role": m["role"], "content": m["content"]})
+    for m, rating in zip((m for m in messages if m["role"] == "assistant"), ratings):  # an export's ratings
+        if rating in ("like", "dislike"):
+            m["feedback"] = rating
     if not messages:
         raise ValueError("no user or assistant messages")
     title = data.get("title") if isinstance(data.get("title"), str) else messages[0]["content"][:40]
@@ -305,6 +332,15 @@ def chat_from_json(text: str) -> Chat:
 
 
 def export_json(chat: Chat) -> str:
-    sample = training_messages(chat) or ([{"role": "system", "content": chat.system}] if chat.system else [])
-    return json.dumps({"title": chat.title, "settings": chat.settings, "messages": sample},
-                      ensure_ascii=False, indent=1)
+    """The chat as one line of training JSONL (the training tools read it as it is; the page
+    imports it back): its sample and ratings, its title and settings beside them."""
+    sample, ratings = training_turns(chat)
+    if not sample:
+        sample = [{"role": "system", "content": chat.system}] if chat.system else []
+    return json.dumps({"messages": sample, "ratings": ratings, "title": chat.title, "settings": chat.settings},
+                      ensure_ascii=False) + "\n"
+
+
+def export_all_json(chats: list[Chat]) -> str:
+    """Every chat with an answer, one training JSONL line each (the page's "all chats" export)."""
+    return "".join(export_json(c) for c in chats if training_turns(c)[0])

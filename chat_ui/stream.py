@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from .conversation import Conversations
+from .history import CUT_NOTE
 
 STREAM_PATH = "/chat/stream"
 
@@ -66,13 +67,13 @@ STOP_VALUE = json.dumps({"kind": "stop"})  # the reader's value that makes it st
 STOP_READING = f"() => {json.dumps(STOP_VALUE)}"  # a browser-only step giving the reader that value
 
 # js_on_load of the reader (element, trigger, props, server, upload, watch are given)
-READER = """
+READER = ("""
 let ctl = null;
 async function read(token) {
   if (ctl) ctl.abort();
   const mine = new AbortController();
   ctl = mine; window.__chatReply = token;
-  let text = '', stats = '…', buf = '';
+  let text = '', stats = '…', buf = '', ended = false;
   try {
     const url = new URL('chat/stream/' + encodeURIComponent(token), document.baseURI);
     const resp = await fetch(url, {signal: mine.signal, cache: 'no-store'});
@@ -88,28 +89,36 @@ async function read(token) {
         if (!ev.startsWith('data: ')) continue;
         const d = JSON.parse(ev.slice(6));
         text = d.text !== undefined ? d.text : text + (d.add || '');
-        stats = d.stats || stats; got = true;
+        stats = d.stats || stats; got = true; ended = ended || !!d.done;
       }
       if (got && ctl === mine) props.value = JSON.stringify({kind: 'update', token, text, stats});
     }
   } catch (e) { if (ctl !== mine) return; console.warn('reply stream:', e); }
-  if (ctl === mine) { ctl = null; trigger('submit'); }
+  if (ctl !== mine) return;
+  if (!ended)  // the app went away mid-reply: what came stays on screen, marked cut, and Send is back
+    props.value = JSON.stringify({kind: 'update', token, broken: true, text: text + %s,
+      stats: 'Cut off: the connection to the app broke. What came is kept (the app saves it as it goes); ' +
+             'send again once the page works.'});
+  ctl = null; trigger('submit');
 }
 watch('value', () => {
   let v; try { v = JSON.parse(props.value || '{}'); } catch (e) { return; }
   if (v.kind === 'start') read(v.token);
   else if (v.kind === 'stop') { if (ctl) ctl.abort(); ctl = null; window.__chatReply = null; }
 });
-"""
+""" % json.dumps(CUT_NOTE))
 
-# the browser-only event that shows an update: (reader's value, chat window, stats) -> the two
-# (an undefined output leaves that component as it is: the reader's other values change nothing)
+# the browser-only event that shows an update: (reader's value, chat window, stats) -> those two
+# and Send / Stop (an undefined output leaves that component as it is: the reader's other values
+# change nothing; a reply cut by a lost connection puts Send back)
 APPLY = """(live, hist, stats) => {
-  let d; try { d = JSON.parse(live); } catch (e) { return [undefined, undefined]; }
+  const none = [undefined, undefined, undefined, undefined];
+  let d; try { d = JSON.parse(live); } catch (e) { return none; }
   if (!d || d.kind !== 'update' || d.token !== window.__chatReply || !Array.isArray(hist) || !hist.length)
-    return [undefined, undefined];
+    return none;
   const h = hist.slice(), last = h[h.length - 1], content = [{type: 'text', text: d.text}];
   if (last.role === 'assistant') h[h.length - 1] = {...last, content};
   else h.push({role: 'assistant', metadata: null, content, options: null});
-  return [h, d.stats || stats];
+  if (!d.broken) return [h, d.stats || stats, undefined, undefined];
+  return [h, d.stats, {__type__: 'update', visible: true}, {__type__: 'update', visible: false}];
 }"""

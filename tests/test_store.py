@@ -150,3 +150,22 @@ def test_a_store_path_that_cannot_be_used_is_one_line_naming_it(tmp_path):
     (tmp_path / "notes.txt").write_text("not a database, " * 100)
     with pytest.raises(StoreError, match=r"notes.txt: cannot be used as the chat store: file is not a database"):
         SQLiteStore(tmp_path / "notes.txt")
+
+
+def test_a_disliked_reply_is_never_a_training_target_and_ratings_travel_with_the_sample():
+    """The liked-chats export kept a 👎 reply as a target when a later reply was 👍."""
+    from chat_ui.store import training_record
+
+    q1, bad = {"role": "user", "content": "q1"}, {"role": "assistant", "content": "bad", "feedback": "dislike"}
+    q2, good = {"role": "user", "content": "q2"}, {"role": "assistant", "content": "good", "feedback": "like"}
+    q3, plain = {"role": "user", "content": "q3"}, {"role": "assistant", "content": "plain"}
+    chat = chat_with(q1, bad, q2, good, q3, plain, system="sys")
+    assert training_record(chat, liked_only=True) == {
+        "messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "q2"},
+                     {"role": "assistant", "content": "good"}], "ratings": ["like"]}
+    rec = training_record(chat)
+    assert [m["content"] for m in rec["messages"]] == ["sys", "q2", "good", "q3", "plain"]
+    assert rec["ratings"] == ["like", None]
+    assert training_record(chat_with(q1, bad)) is None  # nothing fit to learn from
+    back = chat_from_json(export_json(chat))  # the export imports back, ratings included
+    assert [m.get("feedback") for m in back.messages if m["role"] == "assistant"] == ["like", None]
