@@ -11,6 +11,7 @@ import gradio as gr
 from .conversation import Conversations, LiveReply, Refused
 from .history import display, error_message
 from .page import as_error
+from .visitors import visitor_of_request
 
 
 class ChatApi:
@@ -27,13 +28,14 @@ class ChatApi:
 
     @as_error
     async def send(self, message: Any, ptr: dict, system: str, max_new_tokens: float, temperature: float,
-                   top_p: float, top_k: float, repetition_penalty: float) -> AsyncIterator[tuple]:
+                   top_p: float, top_k: float, repetition_penalty: float,
+                   request: gr.Request = None) -> AsyncIterator[tuple]:
         """/send: the message in (text, or {"text", "files"} for an image model), the reply
         streamed out: (chat, box, stats); the chat as text (images are kept, not sent back)."""
         form = self.service.form(system, max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         ptr, chat = self.service.session(ptr)
         try:
-            live = await self.service.send(ptr, chat, message, form)
+            live = await self.service.send(ptr, chat, message, form, visitor_of_request(request))
         except Refused as exc:  # refused before anything changed: shown in the chat, message kept
             kept = (message.get("text") if isinstance(message, dict) else message) or ""
             yield display(chat.messages + [error_message(exc.message)], images=False), kept.strip(), "", ptr

@@ -21,6 +21,7 @@ from .page import (BUSY_BUTTONS, IDLE_BUTTONS, LATEX, WELCOME, counter_js, input
                    text_of_event, too_long_js)
 from .sidebar import Sidebar
 from .stream import APPLY, READER, STOP_READING, start_value
+from .visitors import visitor_of_request
 
 
 
@@ -60,12 +61,14 @@ class ChatTab:
         return (ptr, display(live.messages() if live.prefix else live.base), "…", start_value(live.token),
                 *BUSY_BUTTONS)
 
-    async def accept(self, message: Any, ptr: dict, *form: Any) -> tuple:
+    async def accept(self, message: Any, ptr: dict, system: str, max_new_tokens: float, temperature: float,
+                     top_p: float, top_k: float, repetition_penalty: float, request: gr.Request) -> tuple:
         """Send: the message checked, saved and its reply started; the box emptied, Stop shown.
         Refused: the message stays in the box and the page says why (in the chat too, not kept)."""
+        form = (system, max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         ptr, chat = self.service.session(ptr)
         try:
-            live = await self.service.send(ptr, chat, message, self.service.form(*form))
+            live = await self.service.send(ptr, chat, message, self.service.form(*form), visitor_of_request(request))
         except Refusal as exc:
             shown = gr.skip() if exc.message == BUSY else \
                 display(chat.messages + [error_message(f"Not sent: {exc.message}")])
@@ -76,11 +79,11 @@ class ChatTab:
         return ("", ptr, shown, stats, reader, self.sidebar.chat_list_of(ptr), *buttons)
 
     async def accept_example(self, ptr: dict, system: str, max_new_tokens: float, temperature: float, top_p: float,
-                             top_k: float, repetition_penalty: float, evt: gr.SelectData) -> tuple:
+                             top_k: float, repetition_penalty: float, evt: gr.SelectData, request: gr.Request) -> tuple:
         """An example in the empty chat, clicked: sent at once."""
         form = (system, max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         text = text_of_event(evt.value.get("text") if isinstance(evt.value, dict) else evt.value)
-        return (await self.accept(text, ptr, *form))[1:]  # no box to empty
+        return (await self.accept(text, ptr, *form, request))[1:]  # no box to empty
 
     @refusing(lambda exc: (gr.skip(), gr.skip(), refusal(exc), gr.skip(), gr.skip(), gr.skip()))
     async def retry(self, ptr: dict, *form: Any) -> tuple:
@@ -123,11 +126,13 @@ class ChatTab:
                 self.sidebar.chat_list_of(ptr))
 
     # -- the reply's controls ----------------------------------------------------------------
+    @refusing(lambda exc: (gr.skip(), refusal(exc), gr.skip(), gr.skip()))
     async def stop(self, ptr: dict) -> tuple:
         """Stop: the reply so far stays, in the page and in the chat."""
         chat, was = await self.service.stop(ptr)
         return (display(chat.messages) if chat else gr.skip(), "Stopped." if was else gr.skip(), *IDLE_BUTTONS)
 
+    @refusing(lambda exc: (gr.skip(), gr.skip(), refusal(exc), gr.skip(), gr.skip()))
     async def undo(self, ptr: dict, box: Any, evt: gr.UndoData | None = None) -> tuple:
         """Undo (also the chat window's ↶): the last question and its reply dropped; the question
         goes back into the box, if the box is empty."""
@@ -136,11 +141,13 @@ class ChatTab:
         box_value = asked if asked and not text_of_event(box).strip() else gr.skip()
         return (display(chat.messages), box_value, "", *IDLE_BUTTONS)
 
+    @refusing(lambda exc: (gr.skip(), refusal(exc), gr.skip(), gr.skip()))
     async def clear(self, ptr: dict) -> tuple:
         """Clear (also the chat window's 🗑): this chat starts over, in the store too."""
         await self.service.clear(ptr)
         return ([], "", *IDLE_BUTTONS)
 
+    @refusing(lambda exc: refusal(exc) and None)
     def like(self, ptr: dict, evt: gr.LikeData) -> None:
         """👍 / 👎 on a reply, kept with the chat (python -m chat_ui.export_feedback)."""
         index = evt.index if isinstance(evt.index, int) else evt.index[0]

@@ -14,6 +14,7 @@ from .conversation import Conversations, NoImages, Refusal, question
 from .history import display, error_message, to_engine_messages
 from .page import LATEX, as_error, input_box, refusal, refusing, too_long_js
 from .replies import compare_reply, visitor_message
+from .visitors import visitor_of_request
 
 
 class CompareTab:
@@ -100,7 +101,7 @@ class CompareTab:
                      temperature: float, top_p: float, top_k: float, repetition_penalty: float,
                      request: gr.Request) -> tuple:
         form = (system, max_new_tokens, temperature, top_p, top_k, repetition_penalty)
-        text, images = await self.service.message_async(message)
+        text, images = await self.service.message_async(message, visitor_of_request(request))
         form = self.service.form(*form)
         if not text and not images:
             return (gr.skip(),) * 8
@@ -142,7 +143,7 @@ class CompareTab:
                       repetition_penalty: float, request: gr.Request) -> AsyncIterator[tuple]:
         """/compare, as one API call: both models answer the same question at the same time,
         each with its own history."""
-        text, images = await self.service.message_async(message)
+        text, images = await self.service.message_async(message, visitor_of_request(request))
         form = self.service.form(system, max_new_tokens, temperature, top_p, top_k, repetition_penalty)
         if not text and not images:
             yield display(hist_a or [], images=False), display(hist_b or [], images=False), hist_a, hist_b, "", "", ""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -30,7 +31,8 @@ from .images import MAX_IMAGES_PER_MESSAGE, from_upload, uploaded_paths
 from .replies import (BUSY, LiveReply, NoImages, Refusal, Refused, Turns, log_reply, settings_dict, stats_error,
                       stream_reply, visitor_message)
 from .settings import AppSettings
-from .store import Chat, Store, chat_from_json, new_browser_id, new_chat, valid_browser_id
+from .visitors import Downloads, Uploads
+from .store import Chat, Store, StoreError, chat_from_json, new_browser_id, new_chat, valid_browser_id
 
 __all__ = ["BUSY", "Conversations", "Form", "Limits", "LiveReply", "NoImages", "Refusal", "Refused",
            "visitor_message"]
@@ -81,6 +83,20 @@ def chat_sid(ptr: dict) -> str:
     return f"{hashlib.sha256(ptr['browser'].encode()).hexdigest()[:12]}:{ptr['chat']}"
 
 
+def _with_ratings(messages: list[dict], stored: list[dict]) -> list[dict]:
+    """`messages` as a reply saves them, with the 👍/👎 the visitor gave meanwhile to the messages
+    they share with the stored chat (a rating given while the reply streamed was lost)."""
+    out = []
+    for i, m in enumerate(messages):
+        same = i < len(stored) and stored[i].get("role") == m.get("role") and stored[i].get("content") == m.get("content")
+        if same and "feedback" in stored[i]:
+            m = {**m, "feedback": stored[i]["feedback"]}
+        elif same and "feedback" in m:
+            m = {k: v for k, v in m.items() if k != "feedback"}  # taken back meanwhile
+        out.append(m)
+    return out
+
+
 def check_ok(text: str) -> bool:
     try:
         check_text(text, "text")
@@ -104,6 +120,9 @@ class Conversations:
         self._slots = asyncio.Semaphore(limits.concurrency)  # generation slots (bound to the loop on first use)
         self._waiting = 0
         self._deleted: dict[str, Chat] = {}  # browser -> its last deleted chat (Undo)
+        self.uploads = Uploads(int(settings.upload_mb_per_10min * 2**20))  # who uploaded which image
+        self.downloads = Downloads()  # exports waiting for their browser to fetch them
+        self._decoding = threading.BoundedSemaphore(2)
         self.store.expire()
 
     # -- who and what -------------------------------------------------------------------
@@ -163,9 +182,10 @@ class Conversations:
                           "surrogate); please retype it.") from None
         return text
 
-    def message(self, value: Any) -> tuple[str, list[str]]:
+    def message(self, value: Any, visitor: str | None = None) -> tuple[str, list[str]]:
         """A message as the input box (or an API client) gives it, text or {"text", "files"}:
-        its text, checked, and its images as the chat keeps them (Refusal if one is refused)."""
+        its text, checked, and its images as the chat keeps them (Refusal if one is refused).
+        With `visitor` (the page and the API give it), only files that visitor uploaded."""
         files = None
         if isinstance(value, dict):
             value, files = value.get("text"), value.get("files")
@@ -179,16 +199,19 @@ class Conversations:
         if not isinstance(files, list) or len(files) > MAX_IMAGES_PER_MESSAGE:
             raise Refusal(f"At most {MAX_IMAGES_PER_MESSAGE} images in one message.")
         try:
-            return text, [from_upload(p, p.name, int(self.settings.max_image_mb * 2**20))
-                          for p in uploaded_paths(files)]
+            paths = uploaded_paths(files)
+            if visitor is not None and not all(self.uploads.owned(visitor, p) for p in paths):
+                raise Refusal("That image cannot be used: it was not uploaded from this browser.")
+            with self._decoding:  # a few decodes at once: memory stays bounded, other visitors go on
+                return text, [from_upload(p, p.name, int(self.settings.max_image_mb * 2**20)) for p in paths]
         except InvalidRequest as exc:
             raise Refusal(f"That image cannot be used. {exc.message}.") from None
 
-    async def message_async(self, value: Any) -> tuple[str, list[str]]:
+    async def message_async(self, value: Any, visitor: str | None = None) -> tuple[str, list[str]]:
         """`message`, its image files read off the event loop."""
         if isinstance(value, dict) and value.get("files"):
-            return await asyncio.to_thread(self.message, value)
-        return self.message(value)
+            return await asyncio.to_thread(self.message, value, visitor)
+        return self.message(value, visitor)
 
     def form(self, system: Any, max_new_tokens: Any, temperature: Any, top_p: Any, top_k: Any,
              repetition_penalty: Any) -> Form:
@@ -268,7 +291,11 @@ class Conversations:
             if c.title in ("", "New chat"):
                 first = next((m["content"] for m in messages if m["role"] == "user"), "")
                 c.title = " ".join(first.split())[:40] or "New chat"
-        chat, notice = self.store.update(ptr["browser"], chat.id, apply)
+        try:
+            chat, notice = self.store.update(ptr["browser"], chat.id, apply)
+        except BaseException:  # a full disk, a chat over the size limit: said, and the chat released
+            self.turns.release(sid, claim)
+            raise
         if continue_final:
             live = LiveReply(sid, chat.messages[:-1], chat.messages[-1]["content"])
         else:
@@ -334,7 +361,8 @@ class Conversations:
             final = self._final(live)
             try:
                 if self.store.get(ptr["browser"], ptr["chat"]) is not None:
-                    self.store.update(ptr["browser"], ptr["chat"], lambda c: setattr(c, "messages", final))
+                    self.store.update(ptr["browser"], ptr["chat"], lambda c: setattr(c, "messages",
+                                                                                     _with_ratings(final, c.messages)))
             finally:
                 self.turns.release(sid, claim)
                 self.turns.done(sid, settled)
@@ -348,7 +376,11 @@ class Conversations:
         """The reply so far, in the store (marked partial until it ends): a process that stops
         mid-reply leaves it there (`_settled_chat` marks it cut)."""
         partial = live.base + [{"role": "assistant", "content": live.text, "partial": True}]
-        self.store.update(ptr["browser"], ptr["chat"], lambda c: setattr(c, "messages", partial))
+        try:
+            self.store.update(ptr["browser"], ptr["chat"],
+                              lambda c: setattr(c, "messages", _with_ratings(partial, c.messages)))
+        except StoreError as exc:  # the reply goes on; its end is saved (or said) as usual
+            logger.warning("chat session={} partial reply not saved: {}", live.sid, exc)
 
     @staticmethod
     def _final(live: LiveReply) -> list[dict]:
@@ -365,10 +397,10 @@ class Conversations:
         return messages + reply + [notice]
 
     # -- the actions ----------------------------------------------------------------------
-    async def send(self, ptr: dict, chat: Chat, value: Any, form: Form) -> LiveReply | None:
+    async def send(self, ptr: dict, chat: Chat, value: Any, form: Form, visitor: str | None = None) -> LiveReply | None:
         """A message into the visitor's chat (`session`'s pair): saved and answered (None: an
         empty message, nothing done)."""
-        text, images = await self.message_async(value)
+        text, images = await self.message_async(value, visitor)
         if not text and not images:
             return None
         return self._begin(ptr, chat, lambda ms: ms + [question(text, images)], form)
@@ -446,12 +478,13 @@ class Conversations:
         self.store.update(ptr["browser"], ptr["chat"], change)
 
     # -- the chat list ----------------------------------------------------------------------
-    async def new_chat(self, ptr: dict, system: str, settings: dict) -> tuple[dict, Chat]:
+    async def new_chat(self, ptr: dict, system: str, settings: dict) -> tuple[dict, Chat, str]:
+        """A new chat, shown; (ptr, chat, the store's notice when older chats went to make room)."""
         ptr, _ = self.session(ptr)
         await self.interrupt(ptr)
         chat = new_chat(system=system if check_ok(system) else "", settings=settings)
-        self.store.save(ptr["browser"], chat)
-        return {**ptr, "chat": chat.id}, chat
+        notice = self.store.save(ptr["browser"], chat)
+        return {**ptr, "chat": chat.id}, chat, notice
 
     async def switch(self, ptr: dict, chat_id: str) -> tuple[dict, Chat]:
         ptr, _ = self.session(ptr)

@@ -57,6 +57,12 @@ class AppSettings:
     history_days: float = field(default=30.0, metadata=_help("forget chats not used for this many days (0: never)"))
     history_max_mb: float = field(default=10.0, metadata=_help(
         "kept conversations per browser, in MB; beyond it the oldest chats go"))
+    history_max_total_mb: float = field(default=2048.0, metadata=_help(
+        "kept conversations of all browsers together, in MB; beyond it the least recently used chats of "
+        "idle browsers go first (chats never written to before any other)"))
+    upload_mb_per_10min: float = field(default=200.0, metadata=_help(
+        "image apps: what one visitor may upload in 10 minutes, in MB (and 40 images); each upload is "
+        "checked as an image on arrival"))
     max_image_mb: float = field(default=10.0, metadata=_help(
         "largest image a visitor may add to a message, in MB (image models only; kept scaled to 1024 px)"))
 
@@ -67,8 +73,9 @@ class AppSettings:
         if not 0 < self.max_image_mb <= MAX_IMAGE_BYTES / 2**20:  # what an engine takes
             raise InvalidRequest(f"max_image_mb must be in (0, {MAX_IMAGE_BYTES / 2**20:g}], got {self.max_image_mb}",
                                  param="max_image_mb")
-        if self.history_max_mb <= 0 or self.history_days < 0:
-            raise InvalidRequest("history_max_mb must be > 0 and history_days >= 0", param="history_max_mb")
+        if self.history_max_mb <= 0 or self.history_days < 0 or self.history_max_total_mb < self.history_max_mb:
+            raise InvalidRequest("history_max_mb must be > 0, history_max_total_mb at least history_max_mb and "
+                                 "history_days >= 0", param="history_max_mb")
         if self.workers < 0:
             raise InvalidRequest(f"workers must be >= 0 (0: auto), got {self.workers}", param="workers")
         if self.concurrency < 0:

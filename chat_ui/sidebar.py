@@ -3,18 +3,18 @@ Every change of chat stops the chat's reply first (Conversations does) and shows
 store has it."""
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import html
 from typing import Any
 
 import gradio as gr
 
-from .conversation import Conversations
+from .conversation import Conversations, Refusal
 from .form import FormFields, slider_settings
 from .history import display, feedback_of
 from .page import refusal, refusing, system_hint
 from .store import Chat, export_all_json, export_json, markdown
 from .stream import STOP_READING
+from .visitors import visitor_of
 
 JSON, MARKDOWN, ALL = "This chat: training JSONL", "This chat: Markdown", "All my chats: training JSONL"
 
@@ -38,7 +38,7 @@ class Sidebar:
                                     info="training JSONL: what the training tools read as it is, 👍/👎 included; "
                                          "a 👎 reply is left out as a target")
                 self.export_btn = gr.Button("Export", size="sm", elem_id="export_btn")
-                self.export_file = gr.File(label="Download", visible=False, interactive=False, elem_id="export_file")
+                self.export_file = gr.HTML("", elem_id="export_file")  # a link, served once (chat_ui/visitors.py)
                 self.import_box = gr.Textbox(label="Import a chat: paste its JSON", lines=3, elem_id="import_box")
                 self.import_btn = gr.Button("Import", size="sm", elem_id="import_btn")
                 self.import_note = gr.Markdown("")
@@ -58,24 +58,44 @@ class Sidebar:
         return [self.chat_list, chatbot, *self.form.inputs, hint]
 
     # -- events ---------------------------------------------------------------------------
+    def _refused(self, extra: int = 0) -> Any:
+        """A refusal (a full disk, ...) in place of a change of chat: nothing else changes."""
+        return lambda exc: (*(gr.skip(),) * (1 + len(self.view_outputs(None, None))), refusal(exc),
+                            *(gr.skip(),) * extra)
+
     async def new_chat(self, ptr: dict, system: str, *sliders: float) -> tuple:
-        ptr, chat = await self.service.new_chat(ptr, system, slider_settings(*sliders))
+        try:
+            ptr, chat, notice = await self.service.new_chat(ptr, system, slider_settings(*sliders))
+        except Refusal as exc:
+            return self._refused()(exc)
+        if notice:  # the browser's oldest chat went to make room: said, not silent
+            gr.Info(notice)
         return (ptr, *self.view(ptr, chat), "")
 
     async def switch_chat(self, ptr: dict, chat_id: str) -> tuple:
-        ptr, chat = await self.service.switch(ptr, chat_id)
+        try:
+            ptr, chat = await self.service.switch(ptr, chat_id)
+        except Refusal as exc:
+            return self._refused()(exc)
         return (ptr, *self.view(ptr, chat), "")
 
+    @refusing(lambda exc: (refusal(exc) and gr.skip(), gr.skip()))
     def rename_chat(self, ptr: dict, title: str) -> tuple:
         return self.chat_list_of(self.service.rename(ptr, title)), ""
 
     async def delete_chat(self, ptr: dict) -> tuple:
-        ptr, chat, deleted = await self.service.delete(ptr)
+        try:
+            ptr, chat, deleted = await self.service.delete(ptr)
+        except Refusal as exc:
+            return self._refused(1)(exc)
         gr.Info(f"Deleted “{deleted.title}”. Undo delete (in the side panel) brings it back.")
         return (ptr, *self.view(ptr, chat), "", gr.update(visible=True, value=f"↶ Undo delete: “{deleted.title[:30]}”"))
 
     def undelete_chat(self, ptr: dict) -> tuple:
-        restored = self.service.restore(ptr)
+        try:
+            restored = self.service.restore(ptr)
+        except Refusal as exc:
+            return self._refused(1)(exc)
         if restored is None:  # nothing to restore (another tab restored it): only the button goes
             return (gr.skip(),) * (2 + len(self.view_outputs(None, None))) + (gr.update(visible=False),)
         ptr, chat = restored
@@ -86,7 +106,9 @@ class Sidebar:
         ptr = self.service.save_settings(ptr, system, slider_settings(*sliders))
         return ptr, system_hint(system or "")
 
-    def export_chat(self, ptr: dict, fmt: str) -> Any:
+    def export_chat(self, ptr: dict, fmt: str, request: gr.Request) -> Any:
+        """The export as a link the page's own browser can fetch once in the next 10 minutes
+        (kept in memory: nothing left in Gradio's cache, nothing for another browser)."""
         ptr, chat = self.service.session(ptr)
         if fmt == ALL:
             body, name = export_all_json(self.service.store.chats(ptr["browser"])), "all chats.jsonl"
@@ -94,9 +116,10 @@ class Sidebar:
             body = markdown(chat) if fmt == MARKDOWN else export_json(chat)
             safe = "".join(ch for ch in chat.title if ch.isalnum() or ch in " -_")[:40].strip() or "chat"
             name = f"{safe}.{'md' if fmt == MARKDOWN else 'jsonl'}"
-        path = Path(tempfile.mkdtemp(prefix="chat-export-")) / name
-        path.write_text(body, encoding="utf-8")
-        return gr.update(value=str(path), visible=True)
+        visitor = visitor_of(request.headers, request.client.host if request.client else None)
+        token = self.service.downloads.add(visitor, name, body.encode("utf-8"))
+        return (f'<a href="chat/download/{token}" download="{html.escape(name)}">⬇ Download '
+                f'{html.escape(name)}</a> <span>(once, within 10 minutes)</span>')
 
     @refusing(lambda exc: (*(gr.skip(),) * 10, refusal(exc), gr.skip()))
     async def import_chat(self, ptr: dict, text: str) -> tuple:

@@ -24,13 +24,15 @@ end it fires its `submit` event, which shows the chat as the store has it.
 from __future__ import annotations
 
 import json
+from urllib.parse import quote
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .conversation import Conversations
 from .history import CUT_NOTE
+from .visitors import visitor_of
 
 STREAM_PATH = "/chat/stream"
 
@@ -56,6 +58,24 @@ def stream_route(conversations: Conversations) -> Route:
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     return Route(STREAM_PATH + "/{token}", endpoint, methods=["GET"])
+
+
+DOWNLOAD_PATH = "/chat/download"
+
+
+def download_route(conversations: Conversations) -> Route:
+    """GET <page>/chat/download/<token>: an export, once, to the browser that asked for it."""
+    async def endpoint(request: Request):
+        visitor = visitor_of(request.headers, request.client.host if request.client else None)
+        got = conversations.downloads.take(request.path_params["token"], visitor)
+        if got is None:
+            return JSONResponse({"error": "no such download (it was fetched already, or expired: export again)"},
+                                status_code=404)
+        name, body = got
+        return Response(body, media_type="application/octet-stream", headers={
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(name)}", "Cache-Control": "no-store"})
+
+    return Route(DOWNLOAD_PATH + "/{token}", endpoint, methods=["GET"])
 
 
 def start_value(token: str) -> str:

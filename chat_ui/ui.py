@@ -33,14 +33,17 @@ from .router import StickyCookie
 from .settings import AppSettings
 from .sidebar import Sidebar
 from .store import MemoryStore, SQLiteStore, Store
-from .stream import stream_route
+from .images import upload_folder
+from .stream import download_route, stream_route
+from .visitors import BrowserCookie, UploadGuard, browser_of, image_check, sweep_cache
 from .workers import worker_index
 
 __all__ = ["BUSY", "ChatUI", "launch", "make_store"]
 
 
 def make_store(settings: AppSettings) -> Store:
-    limits = dict(max_bytes_per_browser=int(settings.history_max_mb * 2**20), retention_days=settings.history_days)
+    limits = dict(max_bytes_per_browser=int(settings.history_max_mb * 2**20), retention_days=settings.history_days,
+                  max_total_bytes=int(settings.history_max_total_mb * 2**20))
     if settings.no_history:
         return MemoryStore(**limits)
     return SQLiteStore(settings.history_path, **limits)
@@ -56,17 +59,17 @@ class ChatUI:
         self.limits = Limits.of(settings, [engine] + ([compare] if compare is not None else []))
         self.service = Conversations(engine, self.store, settings, self.limits, self.label)
 
-    def on_load(self, browser: str, sidebar: Sidebar) -> tuple:
+    def on_load(self, request: gr.Request, sidebar: Sidebar) -> tuple:
         """A page opened: the browser's latest chat (a new browser: a new chat), and a banner if
-        the model cannot answer now."""
-        ptr, chat = self.service.first_chat(browser)
+        the model cannot answer now. The browser is its HttpOnly cookie (chat_ui/visitors.py)."""
+        ptr, chat = self.service.first_chat(browser_of(request.headers) or "")
         problem = self.engine.health()
         if problem:
             logger.warning("model backend unavailable at page load: {}", problem)
         banner = gr.update(visible=bool(problem), value=(
             "⚠️ **The model server is not reachable right now.** Replies will fail until it is back; "
             "please try again in a minute." if problem else ""))
-        return (ptr["browser"], ptr, *sidebar.view(ptr, chat), "", banner)
+        return (ptr, *sidebar.view(ptr, chat), "", banner)
 
     def build(self) -> gr.Blocks:
         s = self.settings
@@ -75,11 +78,10 @@ class ChatUI:
         # traffic (yappi). The app has no monitoring page: keep a short record, summed rarely.
         os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
         os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
-        secret = self.store.secret() if isinstance(self.store, SQLiteStore) else None
-        # No analytics calls from a public deployment; Gradio's cache (uploads, images shown in
-        # the chat window) is swept hourly of files older than an hour.
-        with gr.Blocks(title=s.title, analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
-            browser = gr.BrowserState("", storage_key="chat-app-browser", secret=secret)
+        # No analytics calls from a public deployment. Gradio's cache (uploads, images shown in the
+        # chat window) is swept by the app itself (launch: sweep_cache): Gradio's own delete_cache
+        # sweep dies when an upload lands while it runs, and then never cleans again.
+        with gr.Blocks(title=s.title, analytics_enabled=False) as demo:
             ptr = gr.State({})
             sidebar = Sidebar(self.service)
             gr.Markdown(f"## {s.title}")
@@ -94,13 +96,15 @@ class ChatUI:
                 if self.compare_engine is not None:
                     compare = CompareTab(self.service, self.compare_engine, self.label, self.compare_label)
                     compare.wire(sidebar.form.inputs, self.limits.concurrency)
-            demo.load(lambda b: self.on_load(b, sidebar), [browser],
-                      [browser, ptr, *sidebar.view_outputs(chat.chatbot, hint), chat.stats, banner],
+            def page_load(request: gr.Request) -> tuple:
+                return self.on_load(request, sidebar)
+            demo.load(page_load, None, [ptr, *sidebar.view_outputs(chat.chatbot, hint), chat.stats, banner],
                       api_name="page_load", api_visibility="private")
             if self.compare_engine is not None:
                 demo.unload(compare.stop)  # a visitor closed the page: the Compare tab stops
         demo.chat_limits = self.limits            # read by launch()
-        demo.chat_routes = [stream_route(self.service)]
+        demo.chat_routes = [stream_route(self.service), download_route(self.service)]
+        demo.chat_uploads = self.service.uploads if self.limits.upload_mb else None  # read by launch()
         return demo
 
 
@@ -134,7 +138,14 @@ def launch(demo: gr.Blocks, settings: AppSettings, prevent_thread_lock: bool = F
     else:  # no component takes files: uploads are refused, and no request body may exceed 1 MB
         limit = Middleware(RequestLimits, max_bytes=limits.max_body_bytes, refused=("/upload",),
                            refused_reason="this app takes no uploads")
-    middleware = [limit]
+    # the browser's id in an HttpOnly cookie, set before anything reads it; an image app's
+    # uploads checked on arrival, counted and bound to their visitor; Gradio's cache swept
+    middleware = [limit, Middleware(BrowserCookie, max_age_s=int(max(settings.history_days, 1) * 86400))]
+    if demo.chat_uploads is not None:
+        max_file = int(settings.max_image_mb * 2**20)
+        middleware.append(Middleware(UploadGuard, uploads=demo.chat_uploads, check=image_check(max_file),
+                                     max_file_bytes=max_file))
+    sweep_cache(upload_folder())
     worker = worker_index()
     if worker is not None:  # one of several app processes behind the router: keep visitors here
         middleware.append(Middleware(StickyCookie, index=worker))

@@ -272,7 +272,7 @@ def client_process(kind: str, port: int, users: list[int], words: int, new_token
                 if visitors == "new" or not page.cookies:
                     page.open_page()
                 if visitors == "new":
-                    page.call("page_load", [""])
+                    page.call("page_load", [])
                 else:
                     page.call("clear", [None])
                 kept[i] = page.cookies

@@ -287,8 +287,8 @@ def test_another_browser_sees_none_of_these_chats(browser, app):
     open_side_panel(pb)
     assert "private to A" not in pb.locator("#chat_list").inner_text()
     assert users(pb) == [] and pb.get_by_text("Welcome").is_visible()
-    ids = {pg.evaluate("() => JSON.stringify(localStorage)") for pg in (pa, pb)}
-    assert len(ids) == 2  # two browsers, two ids
+    ids = {c["value"] for ctx in (a, b) for c in ctx.cookies() if c["name"] == "chat-browser"}
+    assert len(ids) == 2  # two browsers, two ids (in HttpOnly cookies)
     a.close()
     b.close()
 

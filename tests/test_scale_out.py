@@ -294,8 +294,8 @@ def test_the_launcher_refuses_a_port_in_use_naming_it(tmp_path):
 def test_app_replicas_on_one_chat_store_show_the_same_chats(tmp_path, browser):
     """Several app processes behind one address (any balancer, no sticky sessions) share the
     SQLite store (--history-path on one disk; WAL mode): a chat written through one replica is
-    there, in the page, through the other. Behind one address a browser keeps one id in its
-    localStorage; here the two replicas have two addresses, so the test carries the id over."""
+    there, in the page, through the other. A browser's id is its HttpOnly cookie, which it sends
+    to both replicas (cookies are kept per host, not per port)."""
     db, ports = tmp_path / "chats.sqlite3", [free_port(), free_port()]
     apps = [subprocess.Popen([sys.executable, "app.py", "--backend", "synthetic", "--host", "127.0.0.1",
                               "--port", str(port), "--history-path", str(db)], cwd=ROOT,
@@ -306,18 +306,14 @@ def test_app_replicas_on_one_chat_store_show_the_same_chats(tmp_path, browser):
             wait_until(lambda port=port, proc=proc: proc.poll() is not None or urllib.request.urlopen(
                 f"http://127.0.0.1:{port}/", timeout=5).status == 200, f"the app on {port}")
             assert proc.poll() is None, logs_of(tmp_path)
-        a = browser.new_page()
+        ctx = browser.new_context()
+        a = ctx.new_page()
         open_page(a, f"http://127.0.0.1:{ports[0]}/")
         a.locator("#input textarea").fill("written through replica one")
         a.locator("#input textarea").press("Enter")
         a.locator('#chatbot [data-testid="bot"]').filter(has_text="You said: written").wait_for()
-        key = a.evaluate("() => Object.keys(localStorage).find(k => k.includes('chat-app-browser'))")
-        value = a.evaluate(f"() => localStorage.getItem({json.dumps(key)})")
-        assert key and value
-        b = browser.new_page()
+        b = ctx.new_page()
         open_page(b, f"http://127.0.0.1:{ports[1]}/")
-        b.evaluate(f"() => localStorage.setItem({json.dumps(key)}, {json.dumps(value)})")
-        b.reload()
         b.locator('#chatbot [data-testid="user"]').filter(has_text="written through replica one").wait_for()
         b.locator("#input textarea").fill("and on through replica two")
         b.locator("#input textarea").press("Enter")
