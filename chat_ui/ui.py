@@ -22,6 +22,7 @@ from loguru import logger
 from starlette.middleware import Middleware
 
 from infer_engine import Engine, EngineError
+from infer_engine import connections
 from infer_engine.asgi import RequestLimits
 
 from .api import ChatApi
@@ -129,6 +130,7 @@ def launch(demo: gr.Blocks, settings: AppSettings, prevent_thread_lock: bool = F
     """Queue and launch with settings fit for a public deployment: the limits the page was built
     with, and the page's own reply stream route served beside Gradio's."""
     _no_matplotlib_lookups()
+    connections.install()  # a head timeout and a per-client connection cap (slowloris, file limits)
     limits: Limits = demo.chat_limits
     # replies wait for a generation slot in the conversation service; Gradio's queue holds the
     # page's short events and the API's streams (its max_size: what may wait at once)

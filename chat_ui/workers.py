@@ -148,7 +148,8 @@ def _model_server(name: str, settings: EngineSettings, served: str, key: str, im
     port = free_port()
     server = ServerSettings(host="127.0.0.1", port=port, api_key=key, served_model_name=served,
                             max_body_mb=64.0 if images else 8.0,  # a chat's kept images travel as data URLs
-                            stream_interval_ms=STREAM_INTERVAL_MS)
+                            stream_interval_ms=STREAM_INTERVAL_MS,
+                            client_share=100_000)  # its one client is the app, which bounds its own visitors
     env = {**dataclass_env(settings, "ENGINE_"), **dataclass_env(server, "SERVER_")}
     child = Child(name, [sys.executable, "-m", "infer_engine.server"], env,
                   _http_ok(f"http://127.0.0.1:{port}/health"), SERVER_START_S)

@@ -33,6 +33,11 @@ class RequestLimits:
             await self._answer(send, 403, self.refused_reason, "permission_error")
             return
         headers = dict(scope.get("headers") or [])
+        encodings = [v for k, v in scope.get("headers") or [] if k == b"transfer-encoding"]
+        if encodings and encodings != [b"chunked"]:  # "CHUNKED", " chunked", two headers: as a proxy might
+            await _discard(receive)                  # read them otherwise (request smuggling), none is taken
+            await self._answer(send, 400, "Transfer-Encoding: only 'chunked' is taken", "invalid_request_error")
+            return
         length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit() or int(length) > self.max_bytes:
@@ -41,7 +46,7 @@ class RequestLimits:
                 return
             await self.app(scope, receive, send)
             return
-        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+        if not encodings:
             await self.app(scope, receive, send)
             return
         # A chunked body: read it here, at most max_bytes, then hand it on in one piece.

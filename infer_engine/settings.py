@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -215,6 +217,9 @@ class SamplingParams:
                 raise bad(name, "a number in [-2, 2]")
             setattr(self, name, float(getattr(self, name)))
         self.response_format = check_response_format(self.response_format)
+        if self.response_format and self.ignore_eos:  # the JSON ends where the grammar does: nothing may follow
+            raise InvalidRequest("ignore_eos cannot be used with response_format (the reply ends with its JSON)",
+                                 param="ignore_eos")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not isinstance(self.stop, (list, tuple)) or len(self.stop) > MAX_STOP_STRINGS or \
@@ -247,9 +252,49 @@ def check_response_format(value: Any) -> dict | None:
         spec = value.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
             raise bad("json_schema must be an object with a schema object")
-        return {"type": "json_schema", "json_schema": {"name": str(spec.get("name") or "response"),
-                                                       "schema": spec.get("schema", {})}}
+        schema = spec.get("schema", {})
+        size = len(json.dumps(schema))
+        if size > MAX_SCHEMA_BYTES:
+            raise bad(f"the schema is {size:,} bytes, more than the {MAX_SCHEMA_BYTES:,} taken")
+        depth, values = _schema_shape(schema)
+        if depth > MAX_SCHEMA_DEPTH:
+            raise bad(f"the schema nests {depth} levels deep, more than the {MAX_SCHEMA_DEPTH} taken")
+        if values > MAX_SCHEMA_VALUES:
+            raise bad(f"the schema lists {values:,} enum/const values, more than the {MAX_SCHEMA_VALUES:,} taken")
+        return {"type": "json_schema", "json_schema": {"name": str(spec.get("name") or "response"), "schema": schema}}
     return {"type": "json_object"}
+
+
+# What a response_format schema may be: compiling one costs the server CPU that grows with its
+# size (a 19 KB schema of 450 nested arrays took 4.8 s, an enum of 100,000 values 63 s).
+MAX_SCHEMA_BYTES = 16 * 1024
+MAX_SCHEMA_DEPTH = 16
+MAX_SCHEMA_VALUES = 1000
+
+
+def _schema_shape(node: Any, depth: int = 0) -> tuple[int, int]:
+    """(how deep the schema nests, how many enum/const values it lists), without recursion."""
+    deepest, values, todo = 0, 0, [(node, 1)]
+    while todo:
+        item, d = todo.pop()
+        deepest = max(deepest, d)
+        if isinstance(item, dict):
+            if isinstance(item.get("enum"), list):
+                values += len(item["enum"])
+            if "const" in item:
+                values += 1
+            todo += [(v, d + 1) for v in item.values() if isinstance(v, (dict, list))]
+        elif isinstance(item, list):
+            todo += [(v, d) for v in item if isinstance(v, (dict, list))]
+    return deepest, values
+
+
+_SOURCE_PATH = re.compile(r"(?:/[\w.+-]+)+\.(?:py|cc|cpp|h|hpp|so)(?::\d+)?")
+
+
+def clean_error(exc: Exception) -> str:
+    """A library's error message for a client: no file paths of the server's own."""
+    return _SOURCE_PATH.sub("", str(exc)).replace("  ", " ").strip()
 
 
 def response_schema(response_format: dict) -> dict:
@@ -262,14 +307,13 @@ def response_schema(response_format: dict) -> dict:
 def check_schema(response_format: dict) -> None:
     """Refuse, naming the field, a schema the grammar library (xgrammar, which LMDeploy's and
     our constrained decoding use) cannot compile: found before the request reaches an engine."""
-    import json
-
     import xgrammar as xgr
 
     try:
         xgr.Grammar.from_json_schema(json.dumps(response_schema(response_format)), any_whitespace=False)
-    except Exception as exc:  # xgrammar's own message says what is wrong
-        raise InvalidRequest(f"response_format: the schema cannot be used: {exc}", param="response_format") from None
+    except Exception as exc:  # xgrammar's own message says what is wrong (its source paths taken out)
+        raise InvalidRequest(f"response_format: the schema cannot be used: {clean_error(exc)}",
+                             param="response_format") from None
 
 
 def check_text(value: Any, where: str) -> str:

@@ -34,7 +34,7 @@ from .architectures import convert_internlm2_adapter, is_vision_model, native_mo
 from .base import Engine, Generation, Piece
 from .errors import BackendUnavailable, EngineError, InvalidRequest
 from .prompts import ChatPrompt
-from .settings import EngineSettings, response_schema
+from .settings import EngineSettings, clean_error, response_schema
 from .versions import require
 
 _DONE = object()       # the worker has finished
@@ -617,7 +617,7 @@ class _Grammars:
             raise InvalidRequest("response_format: constrained decoding needs the xgrammar package "
                                  "(pip install xgrammar)", param="response_format") from None
         key = json.dumps(response_format, sort_keys=True)
-        with self._lock:
+        with self._lock:  # the tokenizer's table once; the cache (a compile runs outside the lock)
             if self._compiler is None:
                 text_config = getattr(self.config, "text_config", None) or self.config
                 vocab = getattr(text_config, "vocab_size", None) or len(self.tokenizer)
@@ -628,16 +628,17 @@ class _Grammars:
                 # escaped); xgrammar 0.2.9 lets one through in strings with maxLength.
                 self._control = [i for i, b in enumerate(info.decoded_vocab)
                                  if any(c < 0x20 for c in b)]
-            compiled = self._cache.get(key)
-            if compiled is None:
-                try:
-                    # json_object: any JSON object, as OpenAI and LMDeploy define it; compact
-                    # (no free whitespace), so a weak model cannot spend its tokens on blanks
-                    compiled = self._compiler.compile_json_schema(json.dumps(response_schema(response_format)),
-                                                                  any_whitespace=False)
-                except Exception as exc:  # xgrammar's own message says what is wrong
-                    raise InvalidRequest(f"response_format: the schema cannot be used: {exc}",
-                                         param="response_format") from None
+            compiled, compiler = self._cache.get(key), self._compiler
+        if compiled is None:  # one client's big schema does not hold up another client's request
+            try:
+                # json_object: any JSON object, as OpenAI and LMDeploy define it; compact
+                # (no free whitespace), so a weak model cannot spend its tokens on blanks
+                compiled = compiler.compile_json_schema(json.dumps(response_schema(response_format)),
+                                                        any_whitespace=False)
+            except Exception as exc:  # xgrammar's own message says what is wrong
+                raise InvalidRequest(f"response_format: the schema cannot be used: {clean_error(exc)}",
+                                     param="response_format") from None
+            with self._lock:
                 if len(self._cache) >= 64:
                     self._cache.pop(next(iter(self._cache)))
                 self._cache[key] = compiled

@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=0, help="replica count (default: one per --gpus group, or 2)")
     p.add_argument("--gpus", nargs="*", default=[], metavar="IDS",
                    help="CUDA_VISIBLE_DEVICES of each replica: '0 1' (two replicas), '0,1 2,3' (two with TP 2)")
-    p.add_argument("--host", default="0.0.0.0", help="where the proxy and the app listen (replicas: 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="where the app listens (0.0.0.0: every interface, for "
+                   "visitors from other machines; replicas always listen on 127.0.0.1)")
+    p.add_argument("--proxy-host", default="127.0.0.1", help="where LMDeploy's proxy listens: keep it on loopback "
+                   "unless replicas on other hosts register with it; its /nodes/add and /nodes/remove take no key, so "
+                   "anyone who reaches it can add a rogue node or remove real ones")
     p.add_argument("--proxy-port", type=int, default=8000)
     p.add_argument("--base-port", type=int, default=23334, help="replica i listens on base-port + i")
     p.add_argument("--app-port", type=int, default=7860)
@@ -130,9 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(a.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     local = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host
-    proxy_url = f"http://{local}:{a.proxy_port}"
+    proxy_local = "127.0.0.1" if a.proxy_host in ("0.0.0.0", "::") else a.proxy_host
+    proxy_url = f"http://{proxy_local}:{a.proxy_port}"
 
-    proxy = Child("proxy", [sys.executable, "-m", "lmdeploy.serve.proxy.proxy", "--server_name", a.host,
+    proxy = Child("proxy", [sys.executable, "-m", "lmdeploy.serve.proxy.proxy", "--server_name", a.proxy_host,
                             "--server_port", str(a.proxy_port), "--routing_strategy", a.routing,
                             "--disable_cache_status", "True"], log_dir)
     nodes = []
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.executable, "app.py", "--backend", "api", "--api-base-url", f"{proxy_url}/v1", "--api-model", name,
         "--host", a.host, "--port", str(a.app_port)], log_dir)
     everyone = [proxy] + [c for _, c in nodes] + ([app] if app else [])
-    ports = [(a.host, a.proxy_port, "the proxy", "--proxy-port")]
+    ports = [(a.proxy_host, a.proxy_port, "the proxy", "--proxy-port")]
     ports += [("127.0.0.1", a.base_port + i, f"replica-{i}", "--base-port") for i in range(replicas)]
     ports += [(a.host, a.app_port, "the app", "--app-port")] if app else []
     for host, port, who, flag in ports:  # before anything starts: a clear line, not a child dying later

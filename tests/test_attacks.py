@@ -279,3 +279,209 @@ def test_page_scripts_cannot_read_the_browser_id(browser, image_app):
     stored = page.evaluate("() => JSON.stringify(Object.assign({}, localStorage))")
     assert cookie["value"] not in stored and "chat-app-browser" not in stored
     ctx.close()
+
+
+# 5. one API client cannot hold everyone
+
+import socket  # noqa: E402
+import threading  # noqa: E402
+
+import openai  # noqa: E402
+
+from infer_engine import InvalidRequest as _InvalidRequest  # noqa: E402
+from infer_engine import SamplingParams  # noqa: E402
+from infer_engine.server import BackgroundServer, create_app  # noqa: E402
+from infer_engine.synthetic_backend import SyntheticEngine  # noqa: E402
+from infer_engine.settings import EngineSettings, SyntheticSettings  # noqa: E402
+
+
+def small_engine(tokens_per_s: float, slots: int = 4) -> SyntheticEngine:
+    e = SyntheticEngine(EngineSettings(backend="synthetic", synthetic=SyntheticSettings(tokens_per_s=tokens_per_s)))
+    e.max_concurrency = slots  # an engine that runs this many at once (a CPU transformers batch: 8)
+    return e
+
+
+def chat_request(port: int, source: str, body: dict) -> tuple[int, dict]:
+    """A POST from a given loopback address (another client), read whole."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120, source_address=(source, 0))
+    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read() or b"{}")
+
+
+def test_what_one_request_may_ask_for_is_bounded():
+    engine = small_engine(0, slots=8)
+    with BackgroundServer(create_app(engine, max_request_tokens=10_000)) as server:
+        msgs = [{"role": "user", "content": "hi"}]
+        status, body = chat_request(server.port, "127.0.0.1", {"messages": msgs, "n": 16, "max_tokens": 10})
+        assert status == 400 and body["error"]["param"] == "n"  # n 16 x 4000 tokens held another client 51-74 s
+        status, body = chat_request(server.port, "127.0.0.1", {"messages": msgs, "n": 4, "max_tokens": 4000})
+        assert status == 400 and "n x max_tokens" in body["error"]["message"]
+    engine.close()
+
+
+def test_one_clients_many_generations_leave_a_turn_for_another_client():
+    engine = small_engine(tokens_per_s=20, slots=4)  # client A may hold 3 of the 4 turns
+    app = create_app(engine)
+    with BackgroundServer(app) as server:
+        finished: list[str] = []
+
+        def a(i: int) -> None:
+            chat_request(server.port, "127.0.0.1", {"messages": [{"role": "user", "content": f"a{i}"}],
+                                                    "max_tokens": 40, "ignore_eos": True})
+            finished.append(f"a{i}")
+
+        hogs = [threading.Thread(target=a, args=(i,)) for i in range(6)]
+        for t in hogs:
+            t.start()
+        deadline = time.time() + 30
+        while app.state.server.fair_turns().running.get("127.0.0.1", 0) < 3 and time.time() < deadline:
+            time.sleep(0.01)
+        status, body = chat_request(server.port, "127.0.0.2", {"messages": [{"role": "user", "content": "b"}],
+                                                               "max_tokens": 4, "ignore_eos": True})
+        b_done = list(finished)
+        for t in hogs:
+            t.join()
+    engine.close()
+    assert status == 200 and body["choices"][0]["message"]["content"]
+    assert len(b_done) <= 3  # B was answered before A's later generations: it did not wait for all six
+
+
+def test_schemas_that_cost_much_to_compile_are_refused_at_once():
+    nested: dict = {"type": "string"}
+    for _ in range(450):
+        nested = {"type": "array", "items": nested}
+    for schema, words in ((nested, "nests 451 levels"), ({"enum": list(range(100_000))}, "more than the 16,384"),
+                          ({"enum": list(range(2000))}, "2,000 enum/const values")):
+        with pytest.raises(_InvalidRequest, match=words):
+            SamplingParams(response_format={"type": "json_schema", "json_schema": {"schema": schema}}).validate()
+    with pytest.raises(_InvalidRequest, match="ignore_eos cannot be used with response_format"):
+        SamplingParams(response_format={"type": "json_object"}, ignore_eos=True).validate()  # was a 500
+
+
+def test_a_schema_error_names_no_server_path(tiny_model):
+    """A regex back-reference: xgrammar's error carried its C++ source path to the client."""
+    from engines import local_settings
+    from infer_engine import create_engine
+
+    fmt = {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": r"(a)\1"}}}
+    with create_engine(local_settings(tiny_model)) as engine:
+        with pytest.raises(_InvalidRequest) as err:
+            engine.chat([{"role": "user", "content": "x"}], SamplingParams(max_new_tokens=4, response_format=fmt))
+    assert "cannot be used" in err.value.message
+    assert ".cc" not in err.value.message and ".h:" not in err.value.message and "site-packages" not in err.value.message
+
+
+def test_waiting_requests_hold_no_thread():
+    engine = small_engine(tokens_per_s=50, slots=4)
+    with BackgroundServer(create_app(engine)) as server:
+        before = threading.active_count()
+        peak = [0]
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], threading.active_count())
+                time.sleep(0.005)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        clients = [threading.Thread(target=chat_request, args=(server.port, f"127.0.0.{2 + i % 50}",
+                                                               {"messages": [{"role": "user", "content": "x"}],
+                                                                "max_tokens": 5, "ignore_eos": True}))
+                   for i in range(100)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        stop.set()
+        watcher.join()
+    engine.close()
+    # 100 client threads of this test, the watcher, and at most the engine's 4 turns of stream threads
+    assert peak[0] - before <= 100 + 1 + 4 + 4, peak[0] - before
+
+
+# 6. connections: slow heads and many idle connections do not shut normal clients out
+
+def test_a_flood_of_slow_connections_leaves_normal_clients_served(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from infer_engine.server import free_port
+
+    port = free_port()
+
+    def low_limit() -> None:  # the usual 1,024 open files
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+    proc = subprocess.Popen([sys.executable, "-m", "infer_engine.server", "--backend", "synthetic", "--host",
+                             "0.0.0.0", "--port", str(port), "--synthetic-tokens-per-s", "0"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=low_limit,
+                            env={**__import__("os").environ, "CHAT_HEAD_TIMEOUT_S": "3"})
+    slow: list[socket.socket] = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        for _ in range(1100):  # a head never finished, from one address
+            try:
+                s = socket.create_connection(("127.0.0.1", port), timeout=5)
+                s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+                slow.append(s)
+            except OSError:
+                break
+        ok = 0
+        for i in range(10):  # another client, on another loopback address
+            status, _ = chat_request(port, "127.0.0.2", {"messages": [{"role": "user", "content": f"hi {i}"}],
+                                                         "max_tokens": 4})
+            ok += status == 200
+        assert ok == 10  # 0 of 10 before
+        s = slow[0]
+        s.settimeout(30)
+        assert s.recv(1024) == b""  # the slow head was closed by the server (its time ran out)
+    finally:
+        for s in slow:
+            s.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+# 9. request framing: odd Transfer-Encoding spellings are refused, as the others are
+
+@pytest.mark.parametrize("value", ["CHUNKED", " chunked", "chunked, chunked"])
+def test_odd_transfer_encodings_are_refused(value):
+    engine = small_engine(0)
+    with BackgroundServer(create_app(engine)) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Transfer-Encoding:{value}\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n".encode())
+            answer = s.recv(4096)
+    engine.close()
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+
+
+def test_a_seeded_request_does_not_hold_up_the_others(tiny_model):
+    """A seeded request (its own generator) used to pause the batch: a probe waited 13 s."""
+    from engines import local_settings
+    from infer_engine import create_engine
+
+    with create_engine(local_settings(tiny_model)) as engine:
+        state = {}
+
+        def seeded() -> None:
+            engine.chat([{"role": "user", "content": "hi"}],
+                        SamplingParams(max_new_tokens=3000, temperature=0.8, seed=3, ignore_eos=True), "seeded")
+            state["done"] = True
+
+        t = threading.Thread(target=seeded)
+        t.start()
+        while not engine.running_sessions():
+            time.sleep(0.01)
+        engine.chat([{"role": "user", "content": "probe"}], SamplingParams(max_new_tokens=8, temperature=0), "probe")
+        probe_first = "done" not in state
+        t.join()
+    assert probe_first  # the probe was answered while the seeded request still ran

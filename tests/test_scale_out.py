@@ -242,7 +242,7 @@ def test_one_command_starts_the_proxy_the_replicas_and_the_app(tmp_path):
     ports = dict(proxy=free_port(), base=free_ports_in_a_row(2), app=free_port())
     out = open(tmp_path / "launcher.log", "w")
     launcher = subprocess.Popen([sys.executable, "scripts/launch_replicas.py", "--backend", "synthetic",
-                                 "--replicas", "2", "--host", "127.0.0.1", "--proxy-port", str(ports["proxy"]),
+                                 "--replicas", "2", "--proxy-port", str(ports["proxy"]),  # default hosts
                                  "--base-port", str(ports["base"]), "--app-port", str(ports["app"]),
                                  "--log-dir", str(tmp_path / "logs"), "--", "--synthetic-tokens-per-s", "200"],
                                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
@@ -256,6 +256,11 @@ def test_one_command_starts_the_proxy_the_replicas_and_the_app(tmp_path):
         assert "ready:" in log.read_text(), logs_of(tmp_path)
         replicas = [f"http://127.0.0.1:{ports['base'] + i}" for i in range(2)]
         assert sorted(get_json(proxy + "/nodes/status")) == replicas
+        # by default nothing of it answers on another address of this machine (it bound 0.0.0.0 before:
+        # from another client a rogue node was added and the real ones removed through the proxy)
+        for port in (ports["proxy"], ports["app"], *(ports["base"] + i for i in range(2))):
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.2", port), timeout=5).close()
         c = Client(f"http://127.0.0.1:{ports['app']}/", verbose=False)
         history, _, _ = c.predict("hello there", "", 16, *GREEDY, api_name="/send")
         assert text_of(history[-1]["content"]) == "You said: hello there"

@@ -30,6 +30,7 @@ from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 
+from .. import connections
 from ..asgi import RequestLimits
 from ..base import Engine
 from ..errors import EngineError
@@ -46,10 +47,12 @@ __all__ = ["BackgroundServer", "ProxyRegistration", "ServerSettings", "create_ap
 
 def create_app(engine: Engine, api_key: str | None = None, model_name: str | None = None,
                max_body_bytes: int = int(ServerSettings.max_body_mb * 2**20),
-               stream_interval_ms: float = 0.0) -> FastAPI:
+               stream_interval_ms: float = 0.0, max_request_tokens: int = ServerSettings.max_request_tokens,
+               client_share: int = 0) -> FastAPI:
     app = FastAPI(title="infer_engine OpenAI-compatible server", docs_url=None, redoc_url=None,
                   openapi_url=None, middleware=[Middleware(RequestLimits, max_bytes=max_body_bytes)])
-    app.state.server = ServerContext(engine, model_name or engine.model_name, api_key, stream_interval_ms / 1000)
+    app.state.server = ServerContext(engine, model_name or engine.model_name, api_key, stream_interval_ms / 1000,
+                                     max_request_tokens, client_share)
     for router in ROUTERS:
         app.include_router(router)
 
@@ -87,11 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         app = create_app(engine, server.api_key or None, server.served_model_name or None,
-                         int(server.max_body_mb * 2**20), server.stream_interval_ms)
+                         int(server.max_body_mb * 2**20), server.stream_interval_ms, server.max_request_tokens,
+                         server.client_share)
         logger.info("serving {} ({}) on http://{}:{}/v1", engine.model_name, settings.backend,
                     server.host, server.port)
         registration = ProxyRegistration(server.proxy_url, server.node_url(),
                                          server.served_model_name or engine.model_name) if server.proxy_url else None
+        connections.install()  # a head timeout and a per-client connection cap (slowloris, file limits)
         config = uvicorn.Config(app, host=server.host, port=server.port, log_level="info", access_log=False)
         uv = uvicorn.Server(config)
         if registration is not None:

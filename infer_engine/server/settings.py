@@ -24,6 +24,11 @@ class ServerSettings:
         "a streamed choice's chunks at most every this many ms (the first at once; what came meanwhile "
         "goes in one chunk): fewer chunks for the server and its clients to handle at high concurrency; "
         "0: each piece as it comes"))
+    max_request_tokens: int = field(default=65536, metadata=_help(
+        "n x max_tokens one request may ask for, at most (400 above)"))
+    client_share: int = field(default=0, metadata=_help(
+        "generations one client (its address) may run at once (more wait their turn); 0: all but an eighth of what "
+        "the engine runs at once, so another client always has room"))
     proxy_url: str = field(default="", metadata=_help(
         "register with this LMDeploy proxy (lmdeploy serve proxy) as one of its replicas"))
     public_url: str = field(default="", metadata=_help(

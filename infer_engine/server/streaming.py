@@ -53,7 +53,9 @@ async def complete(server: ServerContext, call: Call, cid: str, created: int, re
     try:
         done = await watching(request, lambda: call.cancel(engine), asyncio.gather(
             *(_collect(s, f) for s, f in zip(call.streams, call.firsts))))
+        call.done()
     except EngineError as exc:
+        call.done()
         call.cancel(engine)
         log_done(call.path, call.sessions[0], exc.status, None, False, f"error={exc.message!r}")
         return JSONResponse(error_body(exc), status_code=exc.status)
@@ -136,6 +138,7 @@ async def sse(server: ServerContext, call: Call, cid: str, created: int, include
     finally:
         for task in tasks:
             task.cancel()
+        call.done()
         if not finished:  # the client went away: the streams' threads then drain them
             call.cancel(engine)
             log_done(call.path, call.sessions[0], 200, usages[0], True, "client disconnected")

@@ -231,3 +231,86 @@ def test_an_empty_file_is_refused_not_written_as_zero_samples(tmp_path):
     assert_one_error_line(cli("convert", "xtuner", empty, tmp_path / "o.jsonl"), "no samples")
     assert_one_error_line(cli("replace", empty, tmp_path / "o.jsonl", "--old", "a", "--new", "b"), "no samples")
     assert not (tmp_path / "o.jsonl").exists()
+
+
+# issue 22, 8: the data tools' memory and what they run
+
+def test_a_sheet_declaring_a_huge_range_is_refused_before_it_is_read(tmp_path):
+    import re
+    import zipfile
+
+    from openpyxl import Workbook
+
+    wb = Workbook()
+    ws = wb.active
+    ws.append(["问题", "回答"])
+    ws.append(["q", "a"])
+    good = tmp_path / "good.xlsx"
+    wb.save(good)
+    bad = tmp_path / "huge.xlsx"
+    with zipfile.ZipFile(good) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                data = re.sub(rb'<dimension ref="[^"]+"', b'<dimension ref="A1:XFD1048576"', data)
+            zout.writestr(item, data)
+    assert_one_error_line(cli("convert", "sheet", bad, tmp_path / "o.jsonl", "--question", "{问题}", "--answer", "回答"),
+                          "the sheet declares 1,048,576 rows x 16,384 columns")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_sheet_part_that_unpacks_too_large_is_refused(tmp_path, monkeypatch):
+    import training.data.convert as convert
+    from openpyxl import Workbook
+
+    wb = Workbook()
+    ws = wb.active
+    ws.append(["问题", "回答"])
+    ws.append(["q", "a" * 5000])  # one huge cell (5 GB in the finding; 5,000 characters over a 2,000-byte cap here)
+    f = tmp_path / "cell.xlsx"
+    wb.save(f)
+    monkeypatch.setattr(convert, "MAX_XLSX_PART_BYTES", 2000)
+    with pytest.raises(DataError, match="unpacks to .* MB, more than"):
+        convert.convert_sheet(f, "{问题}", "回答")
+
+
+def test_long_lines_devices_deep_json_and_huge_numbers_are_one_line_each(tmp_path, monkeypatch):
+    import training.data.io as io_mod
+
+    for name, content, words in (("deep.jsonl", "[" * 100_000 + "]" * 100_000, "nested too deep"),
+                                 ("num.jsonl", '{"messages": ' + "9" * 100_000 + "}", "a value that cannot be read")):
+        (tmp_path / name).write_text(content + "\n", encoding="utf-8")
+        assert_one_error_line(cli("validate", tmp_path / name), words)
+    assert_one_error_line(cli("validate", "/dev/zero"), "not a regular file")
+    monkeypatch.setattr(io_mod, "MAX_LINE_BYTES", 1000)
+    long = jsonl(tmp_path / "long.jsonl", GOOD, [json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]})])
+    with pytest.raises(DataError, match=r"long.jsonl:3: a line over"):
+        validate(long)
+
+
+def test_out_through_a_symlink_or_to_stdout_is_written_through(tmp_path):
+    src = jsonl(tmp_path / "d.jsonl", GOOD)
+    r = cli("replace", src, "/dev/stdout", "--old", "q", "--new", "Q")
+    assert r.returncode == 0 and '"Q1"' in r.stdout  # written to stdout itself
+    import os
+    assert os.path.islink("/dev/stdout")  # not replaced by a regular 0600 file
+    target = tmp_path / "real.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(target)
+    assert cli("replace", src, link, "--old", "q", "--new", "Q").returncode == 0
+    assert link.is_symlink() and '"Q1"' in target.read_text()
+
+
+def test_validate_runs_no_code_from_a_tokenizer_folder_unless_asked(tmp_path):
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                    "from transformers import PreTrainedTokenizerFast as EvilTokenizer\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "EvilTokenizer",
+                                                              "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    r = cli("validate", jsonl(tmp_path / "d.jsonl", GOOD), "--tokenizer", folder)
+    assert r.returncode != 0 and not marker.exists()
+    assert "--trust-remote-code" in r.stderr

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from .io import DataError, read_jsonl, read_records, read_text_utf8, run_cli, write_jsonl
+from .io import DataError, check_source, loads, read_jsonl, read_records, read_text_utf8, run_cli, write_jsonl
 from .validate import check_sample, conversation_messages
 
 _FIELD = re.compile(r"{([^{}]+)}")
@@ -27,6 +27,8 @@ def rows_of_sheet(path: Path, sheet: str | None) -> tuple[list[str], Iterator[tu
     """(header, (row number, values)...) of an XLSX or CSV file."""
     if path.suffix.lower() in (".xlsx", ".xlsm"):
         from openpyxl import load_workbook
+        check_source(path)
+        check_xlsx_parts(path)
         try:
             wb = load_workbook(path, read_only=True, data_only=True)
         except Exception as exc:
@@ -34,12 +36,36 @@ def rows_of_sheet(path: Path, sheet: str | None) -> tuple[list[str], Iterator[tu
         if sheet and sheet not in wb.sheetnames:
             raise DataError(f"{path}: sheet {sheet!r} not found (sheets: {', '.join(wb.sheetnames)})")
         rows = wb[sheet] if sheet else wb.worksheets[0]
+        declared = (rows.max_row or 0) * (rows.max_column or 0)
+        if declared > MAX_SHEET_CELLS:
+            raise DataError(f"{path}: the sheet declares {rows.max_row:,} rows x {rows.max_column:,} columns, more "
+                            f"than the {MAX_SHEET_CELLS:,} cells read (save the sheet's used range only, or as CSV)")
         it = rows.iter_rows(values_only=True)
         header = [str(h).strip() if h is not None else "" for h in next(it, [])]
         return header, ((n, list(r)) for n, r in enumerate(it, 2))
     reader = csv.reader(io.StringIO(read_text_utf8(path)))
     header = [h.strip() for h in next(reader, [])]
     return header, ((n, r) for n, r in enumerate(reader, 2))
+
+
+MAX_SHEET_CELLS = 10_000_000      # rows x columns a sheet may declare
+MAX_CELL_CHARS = 1_000_000        # one cell's text
+MAX_XLSX_PART_BYTES = 512 * 2**20  # a sheet's or the shared strings' XML, unpacked
+
+
+def check_xlsx_parts(path: Path) -> None:
+    """An XLSX is a zip: its parts' unpacked sizes are checked before any is read (a 5 GB string
+    cell or a zip bomb would be unpacked into memory whole)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                if info.filename.startswith("xl/") and info.file_size > MAX_XLSX_PART_BYTES:
+                    raise DataError(f"{path}: its part {info.filename} unpacks to {info.file_size / 2**20:,.0f} MB, more "
+                                    f"than the {MAX_XLSX_PART_BYTES // 2**20} MB read (a huge cell, or not a real sheet)")
+    except zipfile.BadZipFile:
+        raise DataError(f"{path}: cannot open as XLSX: not a zip file") from None
 
 
 def convert_sheet(path: str | Path, question: str, answer: str, system: str = "",
@@ -55,9 +81,13 @@ def convert_sheet(path: str | Path, question: str, answer: str, system: str = ""
     idx = {h: i for i, h in enumerate(header)}
     out = []
     for n, values in rows:
-        def cell(col: str, values: list = values) -> str:
+        def cell(col: str, values: list = values, n: int = n) -> str:
             v = values[idx[col]] if idx[col] < len(values) else None
-            return "" if v is None else str(v).strip()
+            text = "" if v is None else str(v).strip()
+            if len(text) > MAX_CELL_CHARS:
+                raise DataError(f"{path}:{n}: column {col!r}: a cell of {len(text):,} characters, more than the "
+                                f"{MAX_CELL_CHARS:,} a training sample's field may hold")
+            return text
         if not any(cell(c) for c in needed):
             continue  # a blank row
         for col in needed:
@@ -80,6 +110,8 @@ def convert_alpaca(path: str | Path, system: str = "") -> list[dict]:
             items = list(enumerate(json.loads(text), 1))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} at column {exc.colno}") from None
+        except (RecursionError, ValueError):
+            items = list(enumerate(loads(text, str(path)), 1))  # says what it is, in one line
         label = "record"
     else:
         items, label = list(read_jsonl(path)), "line"

@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="+")
     p.add_argument("--tokenizer", help="model folder whose tokenizer counts tokens")
     p.add_argument("--max-length", type=int, default=None, help="needs --tokenizer")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the tokenizer folder's own code (a data tool runs none unless asked)")
     a = p.parse_args(argv)
     if a.max_length is not None and not a.tokenizer:
         print("error: --max-length needs --tokenizer MODEL (to count the tokens of each sample)", file=sys.stderr)
@@ -177,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
     tok = None
     if a.tokenizer:
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(a.tokenizer, trust_remote_code=True)
+        try:
+            tok = AutoTokenizer.from_pretrained(a.tokenizer, trust_remote_code=a.trust_remote_code)
+        except Exception as exc:  # e.g. a tokenizer that is code, without --trust-remote-code
+            print(f"error: {a.tokenizer}: the tokenizer cannot be loaded: {str(exc).splitlines()[0]}"
+                  + ("" if a.trust_remote_code else " (a tokenizer that is code needs --trust-remote-code)"),
+                  file=sys.stderr)
+            return 1
     bad = 0
     for f in a.files:  # every file gets its line, good or bad
         def one(f: str = f) -> str:
