@@ -286,7 +286,6 @@ def test_page_scripts_cannot_read_the_browser_id(browser, image_app):
 import socket  # noqa: E402
 import threading  # noqa: E402
 
-import openai  # noqa: E402
 
 from infer_engine import InvalidRequest as _InvalidRequest  # noqa: E402
 from infer_engine import SamplingParams  # noqa: E402
